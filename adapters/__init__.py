@@ -1,0 +1,1 @@
+"""herd.adapters: see ../shared/DESIGN.md; filled in by later issues."""

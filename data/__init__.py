@@ -1,0 +1,1 @@
+"""herd.data: datasets, loaders and data preparation (dedup, filters)."""

@@ -1,0 +1,161 @@
+"""Packed text for causal-LM training: documents → one token stream → fixed-length windows.
+
+Each document is `<|begin_of_text|> … <|end_of_text|>`; windows of `seq_len + 1` tokens are cut from
+the concatenated stream (no padding), and each window carries the document id of every token so the
+model can apply the document mask (paper §3.2: tokens attend only within their own document). A target
+whose document differs from its input token's (the step from one document's end to the next's start)
+is ignored (-100).
+
+`PackedBatches` is a *stateful* iterator: `state_dict()` records the epoch and cursor, so a resumed run
+sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+
+class _Encoder(Protocol):
+    def encode(self, s: str, bos: bool = False, eos: bool = False) -> list[int]: ...
+
+
+@dataclass
+class TokenStream:
+    tokens: np.ndarray  # (N,) int32
+    doc_ids: np.ndarray  # (N,) int32, non-decreasing
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class SkippedRecords:
+    """Bad records are skipped and counted, never a crash mid-run and never a silent drop."""
+
+    count: int = 0
+    examples: list[str] | None = None
+
+    def add(self, where: str) -> None:
+        self.count += 1
+        if self.examples is None:
+            self.examples = []
+        if len(self.examples) < 5:
+            self.examples.append(where)
+
+
+def tokenize_documents(docs: Iterable[str], tokenizer: _Encoder) -> TokenStream:
+    chunks, ids = [], []
+    for doc_index, text in enumerate(docs):
+        toks = tokenizer.encode(text, bos=True, eos=True)
+        chunks.append(np.asarray(toks, dtype=np.int32))
+        ids.append(np.full(len(toks), doc_index, dtype=np.int32))
+    if not chunks:
+        raise ValueError("no documents to tokenize")
+    return TokenStream(np.concatenate(chunks), np.concatenate(ids))
+
+
+def read_jsonl_texts(paths: Iterable[str | Path], field: str, skipped: SkippedRecords) -> Iterator[str]:
+    """Texts of `field` from jsonl files; unparseable lines and records without the field are counted."""
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    text = record[field]
+                    if not isinstance(text, str):
+                        raise TypeError(f"field {field!r} is {type(text).__name__}, not a string")
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    skipped.add(f"{path}:{line_no}: {type(e).__name__}: {e}")
+                    continue
+                yield text
+
+
+def read_text_files(paths: Iterable[str | Path]) -> Iterator[str]:
+    """Every `*.txt` file under the given files/folders is one document (sorted for determinism)."""
+    for path in map(Path, paths):
+        files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+        for file in files:
+            yield file.read_text(encoding="utf-8", errors="replace")
+
+
+def _window(stream: TokenStream, start: int, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    toks = stream.tokens[start : start + seq_len + 1].astype(np.int64)
+    docs = stream.doc_ids[start : start + seq_len + 1]
+    labels = toks[1:].copy()
+    labels[docs[1:] != docs[:-1]] = IGNORE_INDEX
+    return toks[:-1], labels, docs[:-1].astype(np.int64)
+
+
+def _collate(windows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+    tokens, labels, docs = (torch.from_numpy(np.stack(x)) for x in zip(*windows))
+    return {"tokens": tokens, "labels": labels, "document_ids": docs}  # each (B, T)
+
+
+class PackedBatches:
+    """Infinite, shuffled (per epoch), data-parallel-sharded batches of packed windows."""
+
+    def __init__(
+        self,
+        stream: TokenStream,
+        seq_len: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.n_windows = (len(stream) - 1) // seq_len
+        per_rank = self.n_windows // world_size
+        if per_rank < batch_size:
+            raise ValueError(
+                f"corpus too small: {len(stream)} tokens make {self.n_windows} windows of {seq_len}, "
+                f"fewer than batch_size {batch_size} × world_size {world_size}"
+            )
+        self.batches_per_epoch = per_rank // batch_size
+        self.epoch, self.cursor = 0, 0
+
+    def _rank_windows(self) -> np.ndarray:
+        order = np.arange(self.n_windows)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
+        # Every rank takes the same number of windows so that no rank runs out first.
+        usable = (self.n_windows // self.world_size) * self.world_size
+        return order[:usable][self.rank :: self.world_size]
+
+    def __iter__(self) -> PackedBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.cursor >= self.batches_per_epoch:
+            self.epoch, self.cursor = self.epoch + 1, 0
+        windows = self._rank_windows()[self.cursor * self.batch_size : (self.cursor + 1) * self.batch_size]
+        self.cursor += 1
+        return _collate([_window(self.stream, int(w) * self.seq_len, self.seq_len) for w in windows])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+def sequential_batches(
+    stream: TokenStream, seq_len: int, batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One deterministic pass over all windows (validation)."""
+    n_windows = (len(stream) - 1) // seq_len
+    for first in range(0, n_windows - batch_size + 1, batch_size):
+        yield _collate([_window(stream, (first + i) * seq_len, seq_len) for i in range(batch_size)])

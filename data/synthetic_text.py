@@ -1,0 +1,60 @@
+"""A generated English corpus for the CPU quickstart and tests: small, deterministic, learnable.
+
+Three kinds of document, so that a tiny model's progress can be *measured* after a few hundred steps:
+- arithmetic questions ("Question: what is 3 plus 4? Answer: 7."), exact facts the model must recall;
+- scene descriptions of coloured shapes (the vocabulary the vision quickstart's captions use);
+- counting sequences.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("left of", "right of", "above", "below")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+@dataclass(frozen=True)
+class QAPair:
+    prompt: str  # ends right before the answer
+    answer: str  # expected continuation, e.g. " 7"
+
+
+def arithmetic_facts() -> list[QAPair]:
+    """All single-digit additions as (prompt, answer)."""
+    return [
+        QAPair(f"Question: what is {a} plus {b}? Answer:", f" {a + b}") for a in range(10) for b in range(10)
+    ]
+
+
+def _arithmetic_doc(rng: random.Random) -> str:
+    facts = rng.sample(arithmetic_facts(), k=rng.randint(2, 5))
+    return " ".join(f"{q.prompt}{q.answer}." for q in facts)
+
+
+def _scene_doc(rng: random.Random) -> str:
+    sentences = []
+    for _ in range(rng.randint(1, 3)):
+        c1, c2 = rng.sample(COLORS, 2)
+        s1, s2 = rng.choice(SHAPES), rng.choice(SHAPES)
+        sentences.append(f"The {c1} {s1} is {rng.choice(POSITIONS)} the {c2} {s2}.")
+    n = rng.randint(1, 3)
+    color, shape = rng.choice(COLORS), rng.choice(SHAPES)
+    plural = shape + ("s" if n > 1 else "")
+    sentences.append(f"There {'are' if n > 1 else 'is'} {NUMBER_WORDS[n]} {color} {plural} in the picture.")
+    return " ".join(sentences)
+
+
+def _counting_doc(rng: random.Random) -> str:
+    start = rng.randint(0, 5)
+    length = rng.randint(3, 11 - start)
+    return "Count: " + " ".join(NUMBER_WORDS[start : start + length]) + "."
+
+
+def generate_corpus(n_docs: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    makers = (_arithmetic_doc, _arithmetic_doc, _scene_doc, _counting_doc)
+    return [rng.choice(makers)(rng) for _ in range(n_docs)]

@@ -1,0 +1,227 @@
+"""Job configuration: one small dataclass per concern, loaded from TOML, overridable from the CLI.
+
+"args" are architectures (`herd.text.ModelArgs`); a *config* describes the job. Each component
+receives only its own section (the optimizer sees `OptimizerConfig`, the loader `DataConfig`, ...),
+so no component grows a dependency on the whole job.
+
+    cfg = load_config("configs/quickstart.toml", ["--train.steps=50", "--optimizer.lr", "1e-3"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    args: dict[str, Any] = field(default_factory=dict)  # ModelArgs fields replacing the preset's
+    init_from: str | None = None  # a checkpoint `load_pretrained` reads (fine-tuning instead of scratch)
+    # Train on the corpus's subset of the Llama 3 vocabulary (renumbered densely; see
+    # herd.text.vocab_subset). For tiny CPU models only: the 128K-row head would dominate the step.
+    vocab_subset: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with the paper's pretraining hyper-parameters as defaults (§3.4.1)."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-5
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warmup, then decay to `min_lr_ratio`·lr at the last step (Llama 3: cosine to 1%)."""
+
+    warmup_steps: int = 2000
+    decay: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.01
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | jsonl | text
+    paths: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    seq_len: int = 128
+    batch_size: int = 8  # sequences per micro-batch, per data-parallel rank
+    val_fraction: float = 0.02  # of documents held out for the validation loss
+    synthetic_docs: int = 6000
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # fp32 | bf16 (autocast; master weights and optimizer state stay fp32)
+    run_dir: str = "runs/default"
+    eval_every: int = 100
+    eval_batches: int = 8
+
+
+@dataclass
+class CheckpointConfig:
+    export_format: str = "meta"  # format of the final model export: meta | hf | none
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = 10
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    peak_tflops: float | None = None  # per device; enables MFU (H100 dense bf16: 989)
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a TOML value against a dataclass field type; errors name the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        members = typing.get_args(tp)
+        if value is None and type(None) in members:
+            return None
+        errors = []
+        for member in members:
+            if member is type(None):
+                continue
+            try:
+                return _coerce(value, member, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if tp is Any:
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = typing.get_args(tp)
+        if len(inner) != len(value):
+            raise ConfigError(f"{where}: expected {len(inner)} values, got {len(value)}")
+        return tuple(_coerce(v, t, where) for v, t in zip(value, inner))
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from nested dicts, rejecting unknown keys with their full dotted name."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key}: expected a table")
+            kwargs[key] = from_dict(tp, value, f"{where}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{where}{key}")
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """CLI values are TOML literals (`3`, `1e-3`, `true`, `[1, 2]`, `"s"`); anything else is a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """`--a.b=1 --c.d 2` → {"a": {"b": 1}, "c": {"d": 2}}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise ConfigError(f"expected an override like --section.key=value, got {tok!r}")
+        if "=" in tok:
+            key, raw = tok[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"override {tok} has no value")
+            key, raw = tok[2:], argv[i + 1]
+            i += 2
+        node = out
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _parse_scalar(raw)
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, cls: type = JobConfig
+) -> Any:
+    """Read a TOML job config (or the defaults when `path` is None) and apply CLI overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    data = _merge(data, parse_overrides(overrides or []))
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path or '<defaults>'}: {e}") from e

@@ -1,0 +1,61 @@
+"""AdamW and the learning-rate schedule (linear warmup, then cosine/linear decay to a floor)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from herd.config import OptimizerConfig, ScheduleConfig
+
+
+def param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Decay matrices; leave norms, biases and gates (1-d tensors) undecayed, as is standard for Llama."""
+    decay, no_decay = [], []
+    for _, p in params:
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(
+    named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimizerConfig
+) -> torch.optim.AdamW:
+    groups = param_groups(named_params, cfg.weight_decay)
+    if not any(g["params"] for g in groups):
+        raise ValueError("no trainable parameters: every parameter has requires_grad=False")
+    # foreach=True: the multi-tensor path; fused=True would need every param on one CUDA device type.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
+
+
+def lr_multiplier(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based).
+
+    Warmup: (step+1)/warmup, so the first update already moves. Decay: from 1 at the end of warmup to
+    `min_lr_ratio` at the last step (`total_steps - 1`).
+    """
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.decay == "constant":
+        return 1.0
+    span = max(1, total_steps - 1 - cfg.warmup_steps)
+    progress = min(1.0, max(0.0, (step - cfg.warmup_steps) / span))
+    if cfg.decay == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif cfg.decay == "linear":
+        shape = 1.0 - progress
+    else:
+        raise ValueError(f"schedule.decay must be cosine, linear or constant, got {cfg.decay!r}")
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, cfg: ScheduleConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps, cfg))

@@ -1,0 +1,1 @@
+"""herd.speech: see ../shared/DESIGN.md; filled in by later issues."""

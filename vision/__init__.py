@@ -1,0 +1,1 @@
+"""herd.vision: see ../shared/DESIGN.md; filled in by later issues."""
