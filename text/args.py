@@ -8,7 +8,7 @@ of (dim, multiple_of, ffn_dim_multiplier) without a table of hidden sizes.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -86,9 +86,12 @@ class ModelArgs:
                 kwargs[f.name] = p[f.name]
         if p.get("vocab_size", -1) == -1:  # Llama 1/2 params.json store -1 and take it from the tokenizer
             kwargs["vocab_size"] = overrides.pop("vocab_size", 32_000)
-        if p.get("use_scaled_rope"):
-            factor = p.get("rope_scaling_factor", 8.0)
-            kwargs["rope_scaling"] = RopeScaling(factor=factor)
+        if "rope_theta" not in p:  # Llama 1/2 params.json predate the field; their base was 10,000
+            kwargs["rope_theta"] = 10_000.0
+        if p.get("use_scaled_rope") and not isinstance(p.get("rope_scaling"), dict):
+            # Meta's reference code hard-codes factor 8 (its 3.2 params.json carry no factor); herd writes
+            # `rope_scaling_factor` (and the full `rope_scaling` table when it is not the default) explicitly.
+            kwargs["rope_scaling"] = RopeScaling(factor=p.get("rope_scaling_factor", 8.0))
         if "tie_embeddings" not in p and "tie_word_embeddings" in p:
             kwargs["tie_embeddings"] = bool(p["tie_word_embeddings"])
         kwargs.update(overrides)
@@ -216,4 +219,4 @@ def get_preset(name: str, **overrides: Any) -> ModelArgs:
     return dataclasses.replace(args, **overrides) if overrides else args
 
 
-__all__ = ["ModelArgs", "RopeScaling", "get_preset", "PRESET_NAMES", "field"]
+__all__ = ["ModelArgs", "RopeScaling", "get_preset", "PRESET_NAMES"]

@@ -2,7 +2,7 @@
 
 Parameter names are Meta's (`tok_embeddings`, `layers.N.attention.wq`, `feed_forward.w1`, ...), so a
 Meta `consolidated.*.pth` loads without renaming; RoPE rotates interleaved pairs as Meta's reference
-does (Hugging Face checkpoints are permuted on conversion, see `herd.text.checkpoint`).
+does (Hugging Face checkpoints are permuted on conversion, see `herd.text.checkpoint_hf`).
 
 No parallelism, no I/O: tensor/context/pipeline parallelism and FSDP are applied from `herd/`.
 The layers live in a `ModuleDict` keyed "0".."L-1" so that a pipeline stage can drop layers (and the
@@ -15,6 +15,8 @@ K kv heads, hd head dim, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -68,21 +70,21 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # (B, T, D)
-        cos_sin: tuple[torch.Tensor, torch.Tensor],  # each (T, hd/2) or (B, T, hd/2)
-        mask: torch.Tensor | None,  # bool (B|1, 1, T, S)
+        ctx: AttentionContext,
         cache: tuple[KVCache, int] | None = None,  # (cache, layer index)
-        start_pos: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, H, hd)
         k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, K, hd)
         v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, K, hd)
-        q, k = apply_rope(q, k, *cos_sin)
+        q, k = apply_rope(q, k, *ctx.cos_sin)
         if cache is not None:
             kv_cache, layer = cache
-            k, v = kv_cache.update(layer, start_pos, k, v)  # (B, S, K, hd)
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, causal=True)
+            k, v = kv_cache.update(layer, ctx.start_pos, k, v)  # (B, S, K, hd)
+        if ctx.kv_gather is not None:  # context parallel: keys/values of the whole sequence
+            k, v = ctx.kv_gather(k), ctx.kv_gather(v)  # (B, S, K, hd)
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx.mask, causal=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -120,16 +122,10 @@ class TransformerBlock(nn.Module):
         # Depth-scaled init of the residual projections (as torchtitan), keeps early loss ~ln(V).
         self._out_std = 0.02 / math.sqrt(2 * (layer_id + 1))
 
-    def forward(
-        self,
-        h: torch.Tensor,  # (B, T, D)
-        cos_sin: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor | None,
-        cache: KVCache | None = None,
-        start_pos: int = 0,
-    ) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, ctx: AttentionContext, cache: KVCache | None = None) -> torch.Tensor:
+        # h: (B, T, D)
         layer_cache = (cache, self.layer_id) if cache is not None else None
-        h = h + self.attention(self.attention_norm(h), cos_sin, mask, layer_cache, start_pos)
+        h = h + self.attention(self.attention_norm(h), ctx, layer_cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self) -> None:
@@ -137,6 +133,35 @@ class TransformerBlock(nn.Module):
         self.ffn_norm.reset_parameters()
         self.attention.init_weights(0.02, self._out_std)
         self.feed_forward.init_weights(0.02, self._out_std)
+
+
+@dataclass
+class AttentionContext:
+    """What every attention layer of one forward pass shares."""
+
+    cos_sin: tuple[torch.Tensor, torch.Tensor]  # RoPE tables of the query positions, each (T, hd/2)
+    mask: torch.Tensor | None  # bool (B|1, 1, T, S), None → plain causal (T == S) / all keys (T == 1)
+    start_pos: int = 0  # KV-cache write offset
+    # Context parallelism: gathers a (B, T_local, ...) tensor along dim 1 into the whole sequence
+    # (B, S, ...), differentiably. Set by herd's context-parallel code; the model only calls it.
+    kv_gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def causal_document_mask(
+    q_pos: torch.Tensor,  # (T,) absolute positions of the queries
+    k_pos: torch.Tensor,  # (S,) absolute positions of the keys, in any order
+    q_doc: torch.Tensor | None = None,  # (B, T) document ids of the queries
+    k_doc: torch.Tensor | None = None,  # (B, S)
+) -> torch.Tensor:
+    """Bool mask (B|1, 1, T, S): a query sees keys at or before its position, in its own document.
+
+    Works from positions rather than indices, so keys may arrive in any order (context parallelism
+    gathers load-balanced chunks: 0, 2c-1, 1, 2c-2, ...).
+    """
+    mask = (k_pos[None, :] <= q_pos[:, None])[None]  # (1, T, S)
+    if q_doc is not None:
+        mask = mask & (q_doc[:, :, None] == k_doc[:, None, :])  # (B, T, S)
+    return mask[:, None]
 
 
 def build_attention_mask(
@@ -181,13 +206,23 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(args, args.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hd/2)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Set by herd.parallel.context_parallel; None on a single device (see AttentionContext).
+        self.kv_gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     # --- materialisation ---------------------------------------------------------------------------
     @torch.no_grad()
     def init_rope(self) -> None:
-        cos, sin = rope_cos_sin(self.args, self.args.max_seq_len, device=self.rope_cos.device)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        """(Re)compute the RoPE tables; after `load_state_dict(assign=True)` on a meta-built model they
+        are still meta tensors, so they are rebuilt on the parameters' device."""
+        device = self.rope_cos.device
+        if self.rope_cos.is_meta:
+            device = next((p.device for p in self.parameters() if not p.is_meta), torch.device("cpu"))
+        cos, sin = rope_cos_sin(self.args, self.args.max_seq_len, device=device)
+        if self.rope_cos.is_meta:
+            self.rope_cos, self.rope_sin = cos, sin  # assignment re-registers the (non-persistent) buffers
+        else:
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -211,8 +246,12 @@ class Llama(nn.Module):
         return self.tok_embeddings(tokens)
 
     def rope(self, start_pos: int, length: int, positions: torch.Tensor | None = None):
-        """cos/sin tables for positions start_pos..start_pos+length-1, or for explicit `positions`."""
+        """cos/sin tables for positions start_pos..start_pos+length-1, or for explicit `positions` (T,)."""
         if positions is not None:
+            if int(positions.max()) >= self.rope_cos.shape[0]:
+                raise ValueError(
+                    f"position {int(positions.max())} exceeds max_seq_len {self.args.max_seq_len}"
+                )
             return self.rope_cos[positions], self.rope_sin[positions]
         end = start_pos + length
         if end > self.rope_cos.shape[0]:
@@ -236,17 +275,39 @@ class Llama(nn.Module):
         document_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Everything but the head: returns the last layer's hidden states (B, T, D), before the norm."""
         if (tokens is None) == (input_embeds is None):
             raise ValueError("pass exactly one of `tokens` (B, T) or `input_embeds` (B, T, D)")
         h = self.embed(tokens) if input_embeds is None else input_embeds
-        T = h.shape[1]
-        cos_sin = self.rope(start_pos, T)
-        mask = build_attention_mask(T, start_pos, document_ids, h.device)
+        ctx = self.attention_context(h.shape[1], start_pos, document_ids, positions, h.device)
         for layer in self.layers.values():
-            h = layer(h, cos_sin, mask, kv_cache, start_pos)
+            h = layer(h, ctx, kv_cache)
         return h
+
+    def attention_context(
+        self,
+        length: int,
+        start_pos: int = 0,
+        document_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        device: torch.device | None = None,
+    ) -> AttentionContext:
+        """RoPE tables and mask for `length` query tokens (shared by composed models' extra layers)."""
+        device = device or self.rope_cos.device
+        kv_gather = self.kv_gather
+        if positions is None and kv_gather is None:
+            mask = build_attention_mask(length, start_pos, document_ids, device)
+            return AttentionContext(self.rope(start_pos, length), mask, start_pos)
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + length, device=device)
+        k_pos, k_doc = positions, document_ids
+        if kv_gather is not None:  # the keys are the whole sequence; their positions/docs are gathered too
+            k_pos = kv_gather(positions[None])[0]
+            k_doc = kv_gather(document_ids) if document_ids is not None else None
+        mask = causal_document_mask(positions, k_pos, document_ids, k_doc)
+        return AttentionContext(self.rope(start_pos, length, positions), mask, start_pos, kv_gather)
 
     def forward(
         self,
@@ -255,8 +316,9 @@ class Llama(nn.Module):
         document_ids: torch.Tensor | None = None,  # (B, T) int, packed-sequence document mask
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        positions: torch.Tensor | None = None,  # (T,) absolute positions (context parallelism)
     ) -> torch.Tensor:
-        h = self.forward_hidden(tokens, input_embeds, document_ids, kv_cache, start_pos)
+        h = self.forward_hidden(tokens, input_embeds, document_ids, kv_cache, start_pos, positions)
         return self.head(h)  # (B, T, V)
 
     def new_kv_cache(

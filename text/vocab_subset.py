@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-SUBSET_FILE = "vocab_subset.json"
+from herd.text.tokenizer import SUBSET_FILE
 
 
 class SubsetTokenizer:

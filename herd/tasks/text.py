@@ -104,12 +104,13 @@ class TextPretrainTask:
         return PackedBatches(self.train_stream, d.seq_len, d.batch_size, rank, world_size, seed=d.seed)
 
     def val_batches(self) -> Iterable[dict[str, Any]] | None:
-        if (
-            self.val_stream is None
-            or len(self.val_stream) <= self.cfg.data.seq_len * self.cfg.data.batch_size
-        ):
+        if self.val_stream is None:
             return None
-        return sequential_batches(self.val_stream, self.cfg.data.seq_len, self.cfg.data.batch_size)
+        seq_len = self.cfg.data.seq_len
+        n_windows = (len(self.val_stream) - 1) // seq_len
+        if n_windows == 0:
+            return None
+        return sequential_batches(self.val_stream, seq_len, min(self.cfg.data.batch_size, n_windows))
 
     def num_targets(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())

@@ -1,0 +1,71 @@
+"""Packed text windows: document ids, boundary targets, sharding, resumable position, bad records."""
+
+import json
+
+import numpy as np
+import torch
+
+from herd.data.packed_text import (
+    IGNORE_INDEX,
+    PackedBatches,
+    SkippedRecords,
+    TokenStream,
+    read_jsonl_texts,
+    sequential_batches,
+    tokenize_documents,
+)
+
+
+class CharTokenizer:
+    def encode(self, s, bos=False, eos=False):
+        return [1] * bos + [ord(c) for c in s] + [2] * eos
+
+
+def stream():
+    return tokenize_documents(["abc", "defgh", "ij", "klmnopq" * 5], CharTokenizer())
+
+
+def test_tokenize_documents_marks_document_ids():
+    s = tokenize_documents(["ab", "c"], CharTokenizer())
+    assert s.tokens.tolist() == [1, 97, 98, 2, 1, 99, 2]
+    assert s.doc_ids.tolist() == [0, 0, 0, 0, 1, 1, 1]
+
+
+def test_window_targets_across_documents_are_ignored():
+    s = tokenize_documents(["ab", "c"], CharTokenizer())
+    batch = next(sequential_batches(s, 6, 1))
+    assert batch["tokens"].tolist() == [[1, 97, 98, 2, 1, 99]]
+    assert batch["labels"].tolist() == [[97, 98, 2, IGNORE_INDEX, 99, 2]]
+    assert batch["document_ids"].tolist() == [[0, 0, 0, 0, 1, 1]]
+
+
+def test_ranks_get_disjoint_windows_and_epochs_reshuffle():
+    s = TokenStream(np.arange(401, dtype=np.int32), np.zeros(401, dtype=np.int32))
+    seen = []
+    for rank in range(2):
+        it = PackedBatches(s, seq_len=10, batch_size=4, rank=rank, world_size=2, seed=3)
+        seen.append({int(row[0]) for _ in range(it.batches_per_epoch) for row in next(it)["tokens"]})
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 40
+    it = PackedBatches(s, seq_len=10, batch_size=40, seed=3)
+    first, second = next(it)["tokens"][:, 0].tolist(), next(it)["tokens"][:, 0].tolist()
+    assert sorted(first) == sorted(second) and first != second
+
+
+def test_state_dict_resumes_exactly():
+    s = stream()
+    a = PackedBatches(s, seq_len=4, batch_size=2, seed=1)
+    for _ in range(5):
+        next(a)
+    b = PackedBatches(s, seq_len=4, batch_size=2, seed=1)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    for _ in range(7):
+        x, y = next(a), next(b)
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_bad_jsonl_records_are_skipped_and_counted(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "good"}\nnot json\n{"other": 1}\n{"text": 5}\n\n{"text": "also good"}\n')
+    skipped = SkippedRecords()
+    assert list(read_jsonl_texts([f], "text", skipped)) == ["good", "also good"]
+    assert skipped.count == 3 and f"{f}:2" in skipped.examples[0]

@@ -1,0 +1,110 @@
+"""The one training loop: exact gradient accumulation, schedule, metrics, NaN stop, learning."""
+
+import math
+
+import pytest
+import torch
+
+from herd.config import ScheduleConfig, load_config
+from herd.metrics import read_metrics
+from herd.optim import lr_multiplier
+from herd.tasks.text import TextPretrainTask
+from herd.trainer import LossOutput, NonFiniteLossError, train
+
+SMALL = [
+    "--model.vocab_subset=true",
+    "--model.args.dim=64",
+    "--model.args.n_layers=2",
+    "--model.args.n_heads=4",
+]
+SMALL += [
+    "--model.args.n_kv_heads=2",
+    "--data.synthetic_docs=400",
+    "--data.seq_len=32",
+    "--metrics.tensorboard=false",
+]
+
+
+def config(tmp_path, *extra):
+    return load_config(None, [f"--train.run_dir={tmp_path}", "--train.device=cpu", *SMALL, *extra])
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path):
+    big = config(tmp_path / "a", "--data.batch_size=8", "--train.steps=3", "--metrics.log_every=1")
+    acc = config(
+        tmp_path / "b",
+        "--data.batch_size=4",
+        "--train.grad_accum=2",
+        "--train.steps=3",
+        "--metrics.log_every=1",
+    )
+    ra, rb = (
+        train(big, TextPretrainTask(big), show_progress=False),
+        train(acc, TextPretrainTask(acc), show_progress=False),
+    )
+    la = [r["loss"] for r in read_metrics(tmp_path / "a") if "split" not in r]
+    lb = [r["loss"] for r in read_metrics(tmp_path / "b") if "split" not in r]
+    assert len(la) == 3 and max(abs(x - y) for x, y in zip(la, lb)) < 1e-5, (la, lb)
+    for (n, p), (_, q) in zip(ra.model.named_parameters(), rb.model.named_parameters()):
+        assert (p - q).abs().max().item() < 1e-5, n
+
+
+def test_schedule_golden_values():
+    cfg = ScheduleConfig(warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
+    assert lr_multiplier(0, 110, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(9, 110, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(10, 110, cfg) == pytest.approx(1.0)
+    mid = 10 + (110 - 1 - 10) / 2
+    assert lr_multiplier(int(mid), 110, cfg) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 49 / 99))
+    )
+    assert lr_multiplier(109, 110, cfg) == pytest.approx(0.1)
+    lin = ScheduleConfig(warmup_steps=0, decay="linear", min_lr_ratio=0.0)
+    assert lr_multiplier(50, 101, lin) == pytest.approx(0.5)
+
+
+def test_training_learns_and_writes_metrics(tmp_path):
+    cfg = config(
+        tmp_path,
+        "--data.batch_size=8",
+        "--train.steps=40",
+        "--metrics.log_every=10",
+        "--train.eval_every=20",
+        "--optimizer.lr=3e-3",
+        "--schedule.warmup_steps=5",
+        "--data.val_fraction=0.2",
+    )
+    result = train(cfg, TextPretrainTask(cfg), show_progress=False)
+    records = read_metrics(tmp_path)
+    train_losses = [r["loss"] for r in records if "split" not in r]
+    assert [r["step"] for r in records if "split" not in r] == [10, 20, 30, 40]
+    assert {"loss", "grad_norm", "lr", "targets_per_s"} <= set(records[0])
+    assert train_losses[-1] < 0.6 * train_losses[0]
+    vals = [r for r in records if r.get("split") == "val"]
+    assert len(vals) == 2 and result.val_loss == vals[-1]["loss"]
+
+
+def test_frozen_parameters_never_change_and_are_not_optimised(tmp_path):
+    cfg = config(tmp_path, "--data.batch_size=4", "--train.steps=3", "--optimizer.weight_decay=0.5")
+    task = TextPretrainTask(cfg)
+    model = task.build_model(torch.device("cpu"))
+    model.tok_embeddings.weight.requires_grad_(False)
+    before = model.tok_embeddings.weight.clone()
+    train(cfg, task, model=model, show_progress=False)
+    assert torch.equal(before, model.tok_embeddings.weight)
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+    cfg = config(tmp_path, "--data.batch_size=4", "--train.steps=5")
+    task = TextPretrainTask(cfg)
+    real_loss = task.loss
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        out = real_loss(model, batch)
+        return LossOutput(out.loss_sum * (float("nan") if calls["n"] == 3 else 1.0), out.num_targets)
+
+    task.loss = poisoned
+    with pytest.raises(NonFiniteLossError, match="at step 3"):
+        train(cfg, task, show_progress=False)
