@@ -14,7 +14,9 @@ def base():
 def test_subset_round_trips_and_keeps_specials(base, tmp_path):
     texts = ["Hello world!", "The red circle is left of the blue square."]
     sub = SubsetTokenizer.from_texts(base, texts)
-    assert sub.vocab_size == len({t for s in texts for t in base.encode(s)} | set(base.special_tokens.values()))
+    assert sub.vocab_size == len(
+        {t for s in texts for t in base.encode(s)} | set(base.special_tokens.values())
+    )
     for s in texts:
         ids = sub.encode(s, bos=True, eos=True)
         assert max(ids) < sub.vocab_size
