@@ -28,6 +28,16 @@ class _Encoder(Protocol):
     def encode(self, s: str, bos: bool = False, eos: bool = False) -> list[int]: ...
 
 
+class TokenSource(Protocol):
+    """Anything packed windows can be cut from: in-memory (`TokenStream`) or memmap shards."""
+
+    def __len__(self) -> int: ...
+
+    def window(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, document ids) of positions start .. start+length-1, each (length,)."""
+        ...
+
+
 @dataclass
 class TokenStream:
     tokens: np.ndarray  # (N,) int32
@@ -35,6 +45,9 @@ class TokenStream:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def window(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.tokens[start : start + length], self.doc_ids[start : start + length]
 
 
 @dataclass
@@ -89,9 +102,10 @@ def read_text_files(paths: Iterable[str | Path]) -> Iterator[str]:
             yield file.read_text(encoding="utf-8", errors="replace")
 
 
-def _window(stream: TokenStream, start: int, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    toks = stream.tokens[start : start + seq_len + 1].astype(np.int64)
-    docs = stream.doc_ids[start : start + seq_len + 1]
+def _window(stream: TokenSource, start: int, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    toks, docs = stream.window(start, seq_len + 1)
+    toks = np.asarray(toks, dtype=np.int64)
+    docs = np.asarray(docs)
     labels = toks[1:].copy()
     labels[docs[1:] != docs[:-1]] = IGNORE_INDEX
     return toks[:-1], labels, docs[:-1].astype(np.int64)
@@ -103,11 +117,16 @@ def _collate(windows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[s
 
 
 class PackedBatches:
-    """Infinite, shuffled (per epoch), data-parallel-sharded batches of packed windows."""
+    """Infinite, per-epoch shuffled batches of packed windows, sharded across data-parallel ranks.
+
+    `batch_size` is the *global* micro-batch (sequences across all DP ranks); DP rank r takes rows
+    r·b .. (r+1)·b-1 with b = batch_size / world_size. The state (epoch, cursor) is therefore the same on
+    every rank, and a run resumed on a different layout (FSDP×2 → TP×2) sees the same global batches.
+    """
 
     def __init__(
         self,
-        stream: TokenStream,
+        stream: TokenSource,
         seq_len: int,
         batch_size: int,
         rank: int = 0,
@@ -115,25 +134,30 @@ class PackedBatches:
         seed: int = 0,
         shuffle: bool = True,
     ) -> None:
+        if batch_size % world_size:
+            raise ValueError(
+                f"data.batch_size {batch_size} is not divisible by {world_size} data-parallel ranks"
+            )
         self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.local_batch = batch_size // world_size
         self.n_windows = (len(stream) - 1) // seq_len
-        per_rank = self.n_windows // world_size
-        if per_rank < batch_size:
+        if self.n_windows < batch_size:
             raise ValueError(
-                f"corpus too small: {len(stream)} tokens make {self.n_windows} windows of {seq_len}, "
-                f"fewer than batch_size {batch_size} × world_size {world_size}"
+                f"corpus too small: {len(stream)} tokens make {self.n_windows} windows of {seq_len} tokens, "
+                f"fewer than one batch of {batch_size}"
             )
-        self.batches_per_epoch = per_rank // batch_size
+        self.batches_per_epoch = self.n_windows // batch_size
         self.epoch, self.cursor = 0, 0
+        self._order_epoch, self._order = -1, np.arange(0)
 
-    def _rank_windows(self) -> np.ndarray:
-        order = np.arange(self.n_windows)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
-        # Every rank takes the same number of windows so that no rank runs out first.
-        usable = (self.n_windows // self.world_size) * self.world_size
-        return order[:usable][self.rank :: self.world_size]
+    def _epoch_order(self) -> np.ndarray:
+        if self._order_epoch != self.epoch:
+            self._order = np.arange(self.n_windows)
+            if self.shuffle:
+                self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
+            self._order_epoch = self.epoch
+        return self._order
 
     def __iter__(self) -> PackedBatches:
         return self
@@ -141,7 +165,8 @@ class PackedBatches:
     def __next__(self) -> dict[str, torch.Tensor]:
         if self.cursor >= self.batches_per_epoch:
             self.epoch, self.cursor = self.epoch + 1, 0
-        windows = self._rank_windows()[self.cursor * self.batch_size : (self.cursor + 1) * self.batch_size]
+        first = self.cursor * self.batch_size + self.rank * self.local_batch
+        windows = self._epoch_order()[first : first + self.local_batch]
         self.cursor += 1
         return _collate([_window(self.stream, int(w) * self.seq_len, self.seq_len) for w in windows])
 

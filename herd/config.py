@@ -29,6 +29,30 @@ class ModelConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Degrees of the 4D layout (innermost→outermost TP, CP, PP, DP) and how each is applied."""
+
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: the rest of the world size
+    cp: int = 1
+    pp: int = 1
+    tp: int = 1
+    # pipeline: GPipe | 1F1B | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble (GPU only)
+    pp_schedule: str = "1F1B"
+    pp_microbatches: int | None = None  # None → pp; any number (not tied to the stage count)
+    pp_virtual_stages: int = 1  # stages per rank (interleaved schedules: V ≥ 2)
+    pp_fewer_layers_on_ends: bool = True  # first/last stage hold one layer fewer (embedding / head)
+    cp_impl: str = "allgather"  # the paper's all-gather K/V (the only one that runs on CPU)
+    sequence_parallel: bool = True  # with TP: norms and residuals sharded along the sequence
+    activation_checkpoint: str = "none"  # none | full | selective
+    compile: bool = False  # torch.compile each Transformer block
+    float8: bool = False  # torchao float8 linear layers (Hopper GPUs)
+    fsdp_reshard_after_forward: bool = True
+    param_dtype: str = "fp32"  # FSDP compute dtype: bf16 | fp32 (master weights stay fp32)
+    reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype (paper: fp32)
+
+
+@dataclass
 class OptimizerConfig:
     """AdamW with the paper's pretraining hyper-parameters as defaults (§3.4.1)."""
 
@@ -54,7 +78,7 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)
     text_field: str = "text"
     seq_len: int = 128
-    batch_size: int = 8  # sequences per micro-batch, per data-parallel rank
+    batch_size: int = 8  # sequences per micro-batch, across all data-parallel ranks (each takes 1/dp)
     val_fraction: float = 0.02  # of documents held out for the validation loss
     synthetic_docs: int = 6000
     seed: int = 0
@@ -88,6 +112,7 @@ class MetricsConfig:
 @dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from herd.data.packed_text import (
@@ -39,16 +40,18 @@ def test_window_targets_across_documents_are_ignored():
     assert batch["document_ids"].tolist() == [[0, 0, 0, 0, 1, 1]]
 
 
-def test_ranks_get_disjoint_windows_and_epochs_reshuffle():
+def test_ranks_split_the_global_batch_and_epochs_reshuffle():
     s = TokenStream(np.arange(401, dtype=np.int32), np.zeros(401, dtype=np.int32))
-    seen = []
-    for rank in range(2):
-        it = PackedBatches(s, seq_len=10, batch_size=4, rank=rank, world_size=2, seed=3)
-        seen.append({int(row[0]) for _ in range(it.batches_per_epoch) for row in next(it)["tokens"]})
-    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 40
+    whole = PackedBatches(s, seq_len=10, batch_size=8, seed=3)
+    parts = [PackedBatches(s, seq_len=10, batch_size=8, rank=r, world_size=2, seed=3) for r in range(2)]
+    for _ in range(7):  # crosses an epoch boundary (5 batches per epoch)
+        full = next(whole)["tokens"]
+        assert torch.equal(torch.cat([next(p)["tokens"] for p in parts]), full)
     it = PackedBatches(s, seq_len=10, batch_size=40, seed=3)
     first, second = next(it)["tokens"][:, 0].tolist(), next(it)["tokens"][:, 0].tolist()
     assert sorted(first) == sorted(second) and first != second
+    with pytest.raises(ValueError, match="not divisible"):
+        PackedBatches(s, seq_len=10, batch_size=5, world_size=2)
 
 
 def test_state_dict_resumes_exactly():
