@@ -46,11 +46,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"herd train {args.modality}: not available yet (see the issues in the README)", file=sys.stderr
         )
         return 2
+    from herd.parallel.launch import init_distributed
+
     cfg = load_config(args.config, args.overrides)
+    rank, _, _ = init_distributed()
     task = TextPretrainTask(cfg)
     result = train(cfg, task)
-    out = task.export(result.model, f"{cfg.train.run_dir}/model", cfg.checkpoint.export_format)
-    print(f"final loss {result.final_loss:.4f}; model written to {out}")
+    state = result.runtime.full_state_dict()  # collective: every rank takes part, rank 0 gets it
+    if rank == 0:
+        out = task.export(state, f"{cfg.train.run_dir}/model", cfg.checkpoint.export_format)
+        print(f"final loss {result.final_loss:.4f}; model written to {out}")
     return 0
 
 
@@ -120,9 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", action="append", help="scripted user turns instead of an interactive prompt")
     p.set_defaults(func=cmd_chat)
 
-    from herd.text.convert_cli import add_parser as add_convert
+    from herd.convert_cli import add_parser as add_convert
 
     add_convert(sub)
+    from herd.data.tokenize_cli import add_parser as add_tokenize
+
+    add_tokenize(sub)
     try:
         from herd.data.cli import add_parsers as add_data_parsers
     except ImportError:  # data tools are optional extras

@@ -26,6 +26,10 @@ class ModelConfig:
     # Train on the corpus's subset of the Llama 3 vocabulary (renumbered densely; see
     # herd.text.vocab_subset). For tiny CPU models only: the 128K-row head would dominate the step.
     vocab_subset: bool = False
+    # How a sharded model gets its initial weights: "full" builds and initialises the whole model on
+    # every rank (CPU) and shards it — identical to a single-process run, for models that fit in host
+    # memory; "sharded" initialises each rank's shards directly (any size); "auto": full below 2B params.
+    init: str = "auto"
 
 
 @dataclass
@@ -48,7 +52,7 @@ class ParallelConfig:
     compile: bool = False  # torch.compile each Transformer block
     float8: bool = False  # torchao float8 linear layers (Hopper GPUs)
     fsdp_reshard_after_forward: bool = True
-    param_dtype: str = "fp32"  # FSDP compute dtype: bf16 | fp32 (master weights stay fp32)
+    param_dtype: str = "auto"  # FSDP compute dtype: auto (= train.dtype) | bf16 | fp32; master weights fp32
     reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype (paper: fp32)
 
 
@@ -74,7 +78,7 @@ class ScheduleConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | jsonl | text
+    source: str = "synthetic"  # synthetic | jsonl | parquet | text | tokens (`herd data tokenize` shards)
     paths: list[str] = field(default_factory=list)
     text_field: str = "text"
     seq_len: int = 128
@@ -88,6 +92,9 @@ class DataConfig:
 class TrainConfig:
     steps: int = 300
     grad_accum: int = 1
+    # Batch-size ramp as [[from_step, grad_accum], ...] (the 405B recipe's 4M → 8M → 16M tokens):
+    # from each listed step on, that many micro-batches make one optimizer step.
+    grad_accum_ramp: list[list[int]] = field(default_factory=list)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "fp32"  # fp32 | bf16 (autocast; master weights and optimizer state stay fp32)
@@ -98,7 +105,15 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Training checkpoints (torch.distributed.checkpoint, resumable on any mesh) and the final export."""
+
     export_format: str = "meta"  # format of the final model export: meta | hf | none
+    interval: int = 0  # save every N steps; 0 = only at the end (if save_final)
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted (≤ 0: keep all)
+    async_save: bool = False  # write in a background thread; training resumes after the CPU copy
+    dir: str | None = None  # default <run_dir>/checkpoints
+    resume: str = "auto"  # auto (newest complete checkpoint in dir, if any) | none | a checkpoint path
+    save_final: bool = True  # a checkpoint after the last step
 
 
 @dataclass
@@ -122,6 +137,15 @@ class JobConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def grad_accum_at(train: TrainConfig, step: int) -> int:
+    """Micro-batches in optimizer step `step` (1-based), following `grad_accum_ramp` if given."""
+    accum = train.grad_accum
+    for start, value in sorted(train.grad_accum_ramp):
+        if step >= start:
+            accum = value
+    return accum
 
 
 class ConfigError(ValueError):

@@ -59,3 +59,43 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, total_steps: int, cfg: ScheduleConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total_steps, cfg))
+
+
+class OptimizerGroup:
+    """One AdamW (and one LR schedule) per model part — a rank holding several pipeline stages has
+    several — stepped together; checkpoints see one optimizer per part (torchtitan's container idea)."""
+
+    def __init__(
+        self, parts: list[nn.Module], opt_cfg: OptimizerConfig, sched_cfg: ScheduleConfig, steps: int
+    ):
+        self.optimizers = [build_optimizer(part.named_parameters(), opt_cfg) for part in parts]
+        self.schedulers = [build_scheduler(o, steps, sched_cfg) for o in self.optimizers]
+        self.scheduler = _SchedulerGroup(self.schedulers)
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def lr(self) -> float:
+        return self.schedulers[0].get_last_lr()[0]
+
+
+class _SchedulerGroup:
+    """Identical schedules of every part's optimizer, saved once and loaded into all."""
+
+    def __init__(self, schedulers: list[torch.optim.lr_scheduler.LRScheduler]) -> None:
+        self.schedulers = schedulers
+
+    def step(self) -> None:
+        for s in self.schedulers:
+            s.step()
+
+    def state_dict(self) -> dict:
+        return self.schedulers[0].state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        for s in self.schedulers:
+            s.load_state_dict(state)

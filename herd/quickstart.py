@@ -57,7 +57,7 @@ def run_quickstart(
         f"{task.tokenizer.vocab_size} Llama 3 tokens; model {task.model_args.num_params():,} parameters"
     )
     result = train(cfg, task)
-    model_dir = task.export(result.model, out / "text_model", "meta")
+    model_dir = task.export(result.runtime.full_state_dict(), out / "text_model", "meta")
     text_eval = evaluate_text_model(result.model, task.tokenizer)
     report = {
         "text": {

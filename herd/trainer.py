@@ -12,7 +12,6 @@ bug torchtune #2307 had in one recipe copy and not another).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -26,9 +25,10 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from herd.config import JobConfig
+from herd.config import JobConfig, grad_accum_at
 from herd.metrics import MetricsLogger
-from herd.optim import build_optimizer, build_scheduler
+from herd.optim import OptimizerGroup
+from herd.parallel.runtime import Runtime
 
 
 @dataclass
@@ -41,11 +41,21 @@ class LossOutput:
 class Task(Protocol):
     """What a modality or objective plugs into the loop."""
 
-    def build_model(self, device: torch.device) -> nn.Module: ...
+    def build_model(self) -> nn.Module:
+        """The model on the meta device (the loop parallelises, materialises, then calls init_weights)."""
+        ...
 
-    def train_batches(self, rank: int, world_size: int) -> Iterator[dict[str, Any]]: ...
+    def init_weights(self, model: nn.Module) -> None:
+        """Fill a materialised model: random init, pretrained weights, frozen towers..."""
+        ...
 
-    def val_batches(self) -> Iterable[dict[str, Any]] | None: ...
+    def train_batches(self, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
+        """Batches of data-parallel rank `rank` of `world_size`; stateful (state_dict) to resume."""
+        ...
+
+    def val_batches(self) -> Iterable[dict[str, Any]] | None:
+        """Global validation batches (the loop splits them across ranks), or None."""
+        ...
 
     def num_targets(self, batch: dict[str, Any]) -> int: ...
 
@@ -66,6 +76,7 @@ class TrainResult:
     steps: int
     seconds: float
     history: list[dict[str, Any]]
+    runtime: Any = None  # the Runtime (mesh, model parts) the run used
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,63 +91,49 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _autocast(device: torch.device, dtype: str):
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"train.dtype must be fp32 or bf16, got {dtype!r}")
-
-
 def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, cfg: JobConfig, device: torch.device) -> dict[str, float] | None:
-    """Mean loss over at most `train.eval_batches` validation batches (plus any summed extras)."""
+def evaluate(runtime: Runtime, task: Task, cfg: JobConfig) -> dict[str, float] | None:
+    """Mean loss over at most `train.eval_batches` global validation batches, on every layout."""
     batches = task.val_batches()
     if batches is None:
         return None
-    was_training = model.training
-    model.eval()
-    total, count, extras = 0.0, 0, {}
+    for part in runtime.parts:
+        part.eval()
+    total, count = 0.0, 0
     for i, batch in enumerate(batches):
         if i >= cfg.train.eval_batches:
             break
-        with _autocast(device, cfg.train.dtype):
-            out = task.loss(model, move_to(batch, device))
-        total += float(out.loss_sum)
-        count += out.num_targets
-        for k, v in out.extra.items():
-            extras[k] = extras.get(k, 0.0) + v
-    model.train(was_training)
-    if count == 0:
-        return None
-    return {"loss": total / count, **{k: v / count for k, v in extras.items()}}
+        loss_sum, targets = runtime.eval_sums(move_to(batch, runtime.device))
+        total, count = total + loss_sum, count + targets
+    for part in runtime.parts:
+        part.train()
+    return {"loss": total / count} if count else None
 
 
-def train(
-    cfg: JobConfig, task: Task, model: nn.Module | None = None, show_progress: bool = True
-) -> TrainResult:
-    """Run `cfg.train.steps` optimizer steps of `task`; returns the trained model and a summary."""
+def train(cfg: JobConfig, task: Task, show_progress: bool = True) -> TrainResult:
+    """Run `cfg.train.steps` optimizer steps of `task` under `cfg.parallel`'s layout (one process or
+    a torchrun job); returns the trained model parts and a summary."""
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
+    runtime = Runtime(cfg, task, device)
     run_dir = Path(cfg.train.run_dir)
-    logger = MetricsLogger(run_dir, cfg.metrics, config=cfg.to_dict())
-    if model is None:
-        model = task.build_model(device)
-    model.train()
-    named = trainable_named_parameters(model)
-    optimizer = build_optimizer(named, cfg.optimizer)
-    scheduler = build_scheduler(optimizer, cfg.train.steps, cfg.schedule)
-    params = [p for _, p in named]
-    batches = task.train_batches(rank=0, world_size=1)
+    logger = MetricsLogger(run_dir, cfg.metrics, enabled=runtime.is_logging_rank, config=cfg.to_dict())
+    params = [p for _, p in runtime.named_trainable_parameters()]
+    optim = OptimizerGroup(runtime.parts, cfg.optimizer, cfg.schedule, cfg.train.steps)
+    batches = task.train_batches(rank=runtime.dp_rank, world_size=runtime.dims.dp)
     flops_per_target = task.flops_per_target()
+
+    checkpointer = _checkpointer(cfg, run_dir)
+    start_step = 0
+    if checkpointer is not None:
+        loaded = checkpointer.load(runtime.parts, optim.optimizers, optim.scheduler, batches)
+        if loaded is not None:
+            start_step = loaded
+            logger.console.print(f"resumed from step {loaded} ({checkpointer.latest()})")
 
     history: list[dict[str, Any]] = []
     window_loss, window_targets, window_start = 0.0, 0, time.perf_counter()
@@ -149,36 +146,28 @@ def train(
         TextColumn("loss {task.fields[loss]}"),
         TimeRemainingColumn(),
         console=logger.console,
-        disable=not show_progress,
+        disable=not (show_progress and runtime.is_logging_rank),
         transient=True,
     )
     with progress:
-        bar = progress.add_task("train", total=cfg.train.steps, loss="-")
-        for step in range(1, cfg.train.steps + 1):
-            micro = [move_to(next(batches), device) for _ in range(cfg.train.grad_accum)]
-            total_targets = sum(task.num_targets(b) for b in micro)
-            step_loss = 0.0
-            if total_targets > 0:
-                for batch in micro:
-                    with _autocast(device, cfg.train.dtype):
-                        out = task.loss(model, batch)
-                    (out.loss_sum / total_targets).backward()
-                    step_loss += float(out.loss_sum.detach())
-                step_loss /= total_targets
+        bar = progress.add_task("train", total=cfg.train.steps, completed=start_step, loss="-")
+        for step in range(start_step + 1, cfg.train.steps + 1):
+            micro = [move_to(next(batches), device) for _ in range(grad_accum_at(cfg.train, step))]
+            step_loss, step_targets = runtime.forward_backward(micro)
             if not math.isfinite(step_loss):
+                last_good = checkpointer.latest() if checkpointer is not None else None
                 logger.close()
                 raise NonFiniteLossError(
-                    f"loss became {step_loss} at step {step} (run dir {run_dir}); no checkpoint was written"
+                    f"loss became {step_loss} at step {step} (run dir {run_dir}); last good checkpoint: "
+                    f"{last_good or 'none written'}"
                 )
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip, foreach=True))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
+            grad_norm = runtime.clip_grad_norm(params, cfg.optimizer.grad_clip)
+            lr = optim.lr()
+            optim.step()
 
             last_loss = step_loss
-            window_loss += step_loss * total_targets
-            window_targets += total_targets
+            window_loss += step_loss * step_targets
+            window_targets += step_targets
             progress.update(bar, advance=1, loss=f"{step_loss:.3f}")
             if step % cfg.metrics.log_every == 0 or step == cfg.train.steps:
                 elapsed = time.perf_counter() - window_start
@@ -189,7 +178,7 @@ def train(
                     "targets_per_s": window_targets / max(elapsed, 1e-9),
                 }
                 if flops_per_target and cfg.metrics.peak_tflops:
-                    achieved = flops_per_target * record["targets_per_s"]
+                    achieved = flops_per_target * record["targets_per_s"] / runtime.world
                     record["mfu"] = achieved / (cfg.metrics.peak_tflops * 1e12)
                 if device.type == "cuda":
                     record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -197,11 +186,32 @@ def train(
                 history.append({"step": step, **record})
                 window_loss, window_targets, window_start = 0.0, 0, time.perf_counter()
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                val = evaluate(model, task, cfg, device)
+                val = evaluate(runtime, task, cfg)
                 if val is not None:
                     val_loss = val["loss"]
                     logger.log(step, val, prefix="val")
                     history.append({"step": step, "split": "val", **val})
+            if checkpointer is not None and checkpointer.due(step, cfg.train.steps):
+                checkpointer.save(
+                    step, runtime.parts, optim.optimizers, optim.scheduler, batches, _model_args(task)
+                )
+    if checkpointer is not None:
+        checkpointer.close()
     seconds = time.perf_counter() - start
     logger.close()
-    return TrainResult(model, last_loss, val_loss, cfg.train.steps, seconds, history)
+    return TrainResult(runtime.parts[0], last_loss, val_loss, cfg.train.steps, seconds, history, runtime)
+
+
+def _model_args(task: Task) -> dict[str, Any] | None:
+    args = getattr(task, "model_args", None)
+    return args.to_dict() if args is not None else None
+
+
+def _checkpointer(cfg: JobConfig, run_dir: Path):
+    """The DCP checkpointer, unless the job neither saves nor resumes."""
+    ck = cfg.checkpoint
+    if not ck.interval and not ck.save_final and ck.resume == "none":
+        return None
+    from herd.checkpoint import Checkpointer
+
+    return Checkpointer(ck, run_dir)

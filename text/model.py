@@ -229,7 +229,8 @@ class Llama(nn.Module):
         """Initialise every parameter and buffer; call after `to_empty()` on a meta-built model."""
         self.init_rope()
         if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, std=1.0 if self.output is not None else 0.02)
+            # untied: unit-variance embeddings (torchtitan); tied: the matrix is also the head, keep it small
+            nn.init.normal_(self.tok_embeddings.weight, std=0.02 if self.args.tie_embeddings else 1.0)
         for layer in self.layers.values():
             layer.init_weights()
         if self.norm is not None:
@@ -281,7 +282,10 @@ class Llama(nn.Module):
         if (tokens is None) == (input_embeds is None):
             raise ValueError("pass exactly one of `tokens` (B, T) or `input_embeds` (B, T, D)")
         h = self.embed(tokens) if input_embeds is None else input_embeds
-        ctx = self.attention_context(h.shape[1], start_pos, document_ids, positions, h.device)
+        # the length comes from the input, not from h: under sequence parallelism the embedding's
+        # output is already split along the sequence
+        length = tokens.shape[1] if tokens is not None else input_embeds.shape[1]
+        ctx = self.attention_context(length, start_pos, document_ids, positions, h.device)
         for layer in self.layers.values():
             h = layer(h, ctx, kv_cache)
         return h

@@ -17,15 +17,15 @@ from herd.data.packed_text import (
     IGNORE_INDEX,
     PackedBatches,
     SkippedRecords,
-    TokenStream,
-    read_jsonl_texts,
-    read_text_files,
+    TokenSource,
     sequential_batches,
     tokenize_documents,
 )
 from herd.data.synthetic_text import generate_corpus
+from herd.data.text_sources import iter_documents
+from herd.data.token_shards import ShardedTokenStream, split_validation
 from herd.text.args import ModelArgs, get_preset
-from herd.text.model import build_llama
+from herd.text.model import Llama
 from herd.text.vocab_subset import SubsetTokenizer
 from herd.trainer import LossOutput
 
@@ -51,7 +51,12 @@ class TextPretrainTask:
     def __init__(self, cfg: JobConfig, tokenizer: Any | None = None) -> None:
         self.cfg = cfg
         self.skipped = SkippedRecords()
-        docs = self._documents()
+        pretokenized = cfg.data.source == "tokens"
+        if pretokenized and cfg.model.vocab_subset:
+            raise ValueError(
+                "model.vocab_subset needs document text; it cannot be used with data.source = 'tokens'"
+            )
+        docs = [] if pretokenized else self._documents()
         if tokenizer is None:
             from herd.text.tokenizer import load_tokenizer
 
@@ -59,14 +64,27 @@ class TextPretrainTask:
         model_overrides = dict(cfg.model.args)
         if cfg.model.vocab_subset:
             tokenizer = SubsetTokenizer.from_texts(tokenizer, docs)
-            model_overrides["vocab_size"] = tokenizer.vocab_size
+            # pad to a multiple of 64: even shards under TP × FSDP, and tensor-core-friendly shapes
+            model_overrides["vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
         self.tokenizer = tokenizer
-        self.model_args = get_preset(cfg.model.preset, **model_overrides)
+        if cfg.model.init_from:  # fine-tuning: the checkpoint's architecture, not the preset's
+            from herd.text.loading import load_checkpoint
+
+            self.model_args = load_checkpoint(cfg.model.init_from)[0]
+        else:
+            self.model_args = get_preset(cfg.model.preset, **model_overrides)
         if self.model_args.vocab_size < tokenizer.vocab_size:
             raise ValueError(
                 f"model vocab_size {self.model_args.vocab_size} < tokenizer vocab_size {tokenizer.vocab_size}"
             )
-        self.train_stream, self.val_stream = self._split_and_tokenize(docs)
+        if pretokenized:  # memmap shards written by `herd data tokenize`
+            if len(cfg.data.paths) != 1:
+                raise ValueError("data.source = 'tokens' takes one shard directory in data.paths")
+            stream = ShardedTokenStream(cfg.data.paths[0])
+            stream.check_tokenizer(tokenizer)
+            self.train_stream, self.val_stream = split_validation(stream, cfg.data.val_fraction)
+        else:
+            self.train_stream, self.val_stream = self._split_and_tokenize(docs)
 
     def _documents(self) -> list[str]:
         d = self.cfg.data
@@ -74,30 +92,40 @@ class TextPretrainTask:
             return generate_corpus(d.synthetic_docs, seed=d.seed)
         if not d.paths:
             raise ValueError(f"data.source = {d.source!r} needs data.paths")
-        if d.source == "jsonl":
-            docs = list(read_jsonl_texts(d.paths, d.text_field, self.skipped))
-        elif d.source == "text":
-            docs = list(read_text_files(d.paths))
-        else:
-            raise ValueError(f"data.source must be synthetic, jsonl or text, got {d.source!r}")
+        if d.source not in ("jsonl", "parquet", "text"):
+            raise ValueError(
+                f"data.source must be synthetic, jsonl, parquet, text or tokens, got {d.source!r}"
+            )
+        docs = list(iter_documents(d.source, d.paths, d.text_field, self.skipped))
         if self.skipped.count:
             Console(stderr=True).print(
                 f"[yellow]skipped {self.skipped.count} bad record(s), e.g. {self.skipped.examples[0]}"
             )
         return docs
 
-    def _split_and_tokenize(self, docs: list[str]) -> tuple[TokenStream, TokenStream | None]:
+    def _split_and_tokenize(self, docs: list[str]) -> tuple[TokenSource, TokenSource | None]:
         n_val = int(len(docs) * self.cfg.data.val_fraction)
         train = tokenize_documents(docs[n_val:], self.tokenizer)
         val = tokenize_documents(docs[:n_val], self.tokenizer) if n_val else None
         return train, val
 
-    def build_model(self, device: torch.device) -> nn.Module:
-        if self.cfg.model.init_from:
-            from herd.text.loading import load_model
+    def build_model(self) -> nn.Module:
+        with torch.device("meta"):
+            return Llama(self.model_args)
 
-            return load_model(self.cfg.model.init_from, device=device)
-        return build_llama(self.model_args, device=device)
+    def init_weights(self, model: nn.Module) -> None:
+        if not self.cfg.model.init_from:
+            model.init_weights()
+            return
+        from herd.text.loading import load_checkpoint
+
+        args, state = load_checkpoint(self.cfg.model.init_from)
+        if args.to_dict() != self.model_args.to_dict():
+            raise ValueError(
+                f"model.init_from {self.cfg.model.init_from}: its architecture differs from the config's"
+            )
+        own = model.state_dict().keys()  # a pipeline stage holds only some of the layers
+        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
 
     def train_batches(self, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
         d = self.cfg.data
@@ -116,25 +144,27 @@ class TextPretrainTask:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
-        logits = model(batch["tokens"], document_ids=batch["document_ids"])  # (B, T, V)
+        # `positions` is present when context parallelism handed this rank two chunks of the sequence
+        logits = model(batch["tokens"], document_ids=batch["document_ids"], positions=batch.get("positions"))
         loss_sum, n = causal_lm_loss(logits, batch["labels"])
         return LossOutput(loss_sum, n)
 
     def flops_per_target(self) -> float | None:
         return training_flops_per_token(self.model_args, self.cfg.data.seq_len)
 
-    def export(self, model: nn.Module, out_dir: str | Path, fmt: str = "meta") -> Path | None:
-        """Write the trained model where `load_pretrained` reads it (with the tokenizer it was trained with)."""
-        return export_text_model(model, self.model_args, self.tokenizer, out_dir, fmt)
+    def export(
+        self, state_dict: dict[str, torch.Tensor], out_dir: str | Path, fmt: str = "meta"
+    ) -> Path | None:
+        """Write a trained state dict where `load_pretrained` reads it, with the tokenizer it was trained with."""
+        return export_text_model(state_dict, self.model_args, self.tokenizer, out_dir, fmt)
 
 
 def export_text_model(
-    model: nn.Module, args: ModelArgs, tokenizer: Any, out_dir: str | Path, fmt: str
+    state: dict[str, torch.Tensor], args: ModelArgs, tokenizer: Any, out_dir: str | Path, fmt: str
 ) -> Path | None:
     if fmt == "none":
         return None
     out = Path(out_dir)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if fmt == "meta":
         from herd.text.checkpoint_meta import save_meta_checkpoint
 

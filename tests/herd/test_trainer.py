@@ -84,14 +84,22 @@ def test_training_learns_and_writes_metrics(tmp_path):
     assert len(vals) == 2 and result.val_loss == vals[-1]["loss"]
 
 
+class FrozenEmbeddingTask(TextPretrainTask):
+    """Freezes the embedding at init, as adapters freeze the LLM."""
+
+    def init_weights(self, model):
+        super().init_weights(model)
+        model.tok_embeddings.weight.requires_grad_(False)
+        self.initial_embedding = model.tok_embeddings.weight.detach().clone()
+
+
 def test_frozen_parameters_never_change_and_are_not_optimised(tmp_path):
     cfg = config(tmp_path, "--data.batch_size=4", "--train.steps=3", "--optimizer.weight_decay=0.5")
-    task = TextPretrainTask(cfg)
-    model = task.build_model(torch.device("cpu"))
-    model.tok_embeddings.weight.requires_grad_(False)
-    before = model.tok_embeddings.weight.clone()
-    train(cfg, task, model=model, show_progress=False)
-    assert torch.equal(before, model.tok_embeddings.weight)
+    task = FrozenEmbeddingTask(cfg)
+    result = train(cfg, task, show_progress=False)
+    assert torch.equal(task.initial_embedding, result.model.tok_embeddings.weight)
+    moved = [n for n, p in result.model.named_parameters() if p.requires_grad]
+    assert "tok_embeddings.weight" not in moved and "output.weight" in moved
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):

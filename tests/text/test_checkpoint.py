@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from herd.convert_cli import main as convert_main
 from herd.text.args import ModelArgs, RopeScaling
 from herd.text.checkpoint_hf import load_hf_checkpoint, permute_from_hf, permute_to_hf
 from herd.text.checkpoint_meta import load_meta_checkpoint, save_meta_checkpoint
-from herd.text.convert_cli import main as convert_main
 from herd.text.loading import convert_checkpoint, detect_format, load_model
 from herd.text.model import build_llama
 
