@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import resource
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -89,6 +90,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this rank: allocated GPU memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -180,8 +188,7 @@ def train(cfg: JobConfig, task: Task, show_progress: bool = True) -> TrainResult
                 if flops_per_target and cfg.metrics.peak_tflops:
                     achieved = flops_per_target * record["targets_per_s"] / runtime.world
                     record["mfu"] = achieved / (cfg.metrics.peak_tflops * 1e12)
-                if device.type == "cuda":
-                    record["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                record["peak_mem_gib"] = peak_memory_gib(device)
                 logger.log(step, record)
                 history.append({"step": step, **record})
                 window_loss, window_targets, window_start = 0.0, 0, time.perf_counter()

@@ -75,13 +75,42 @@ class ParallelDims:
         c = self.coords(rank)
         return c["dp_replicate"] * self.dp_shard + c["dp_shard"]
 
-    def build_mesh(self, device_type: str = "cpu"):
-        """The 5-d DeviceMesh plus flattened views: "dp" (replicate×shard), "dp_shard_cp" (what FSDP
-        shards over), "dp_cp" (what the loss/target counts are reduced over)."""
+    def build_mesh(self, device_type: str = "cpu") -> Meshes:
+        """The 5-d DeviceMesh and its flattened views (see `Meshes`)."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_DIM_NAMES)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
-        return mesh
+        return Meshes(init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_DIM_NAMES))
+
+
+class Meshes:
+    """The root mesh plus the flattened meshes the layout needs, kept by hand.
+
+    In the paper's order PP sits between CP and DP, so (dp_shard, cp) are not adjacent in the root
+    mesh: torch flattens them, but cannot slice the flattened dim back out of the root afterwards, so
+    the flattened meshes are kept here as `_flatten` returns them.
+      "dp": dp_replicate × dp_shard (data shards), "dp_shard_cp": what FSDP shards over,
+      "dp_cp": what loss and target counts are summed over, `hsdp`: (dp_replicate, dp_shard_cp).
+    """
+
+    def __init__(self, root) -> None:
+        self.root = root
+        self.flat = {
+            "dp": root["dp_replicate", "dp_shard"]._flatten("dp"),
+            "dp_shard_cp": root["dp_shard", "cp"]._flatten("dp_shard_cp"),
+            "dp_cp": root["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp"),
+        }
+
+    def __getitem__(self, name: str):
+        return self.flat[name] if name in self.flat else self.root[name]
+
+    @property
+    def hsdp(self):
+        """2-d (replicate, shard) mesh for HSDP."""
+        try:
+            return self.root["dp_replicate", "dp_shard_cp"]
+        except (NotImplementedError, KeyError) as e:
+            raise NotImplementedError(
+                "HSDP (dp_replicate > 1) together with pp > 1 and cp > 1 needs a device-mesh slice torch "
+                "2.11 cannot take in the paper's [TP, CP, PP, DP] order; use dp_replicate = 1 (plain FSDP) "
+                "or drop pp or cp"
+            ) from e

@@ -4,11 +4,10 @@ float8 → tensor parallel → activation checkpointing → compile → FSDP (th
 from __future__ import annotations
 
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 
 from herd.config import ParallelConfig
 from herd.parallel.activation_checkpoint import apply_activation_checkpointing, apply_compile, apply_float8
-from herd.parallel.dims import ParallelDims
+from herd.parallel.dims import Meshes, ParallelDims
 from herd.parallel.fsdp import apply_fsdp
 from herd.parallel.tensor_parallel import apply_tensor_parallel, llama_modules
 
@@ -16,7 +15,7 @@ from herd.parallel.tensor_parallel import apply_tensor_parallel, llama_modules
 def parallelize(
     model: nn.Module,
     dims: ParallelDims,
-    mesh: DeviceMesh | None,
+    mesh: Meshes | None,
     cfg: ParallelConfig,
     train_dtype: str = "fp32",
 ) -> nn.Module:
@@ -29,7 +28,7 @@ def parallelize(
     if cfg.compile:
         apply_compile(model)
     if dims.fsdp_enabled:
-        fsdp_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
+        fsdp_mesh = mesh.hsdp if dims.dp_replicate > 1 else mesh["dp_shard_cp"]
         param_dtype = train_dtype if cfg.param_dtype == "auto" else cfg.param_dtype
         apply_fsdp(model, fsdp_mesh, param_dtype, cfg.reduce_dtype, cfg.fsdp_reshard_after_forward)
     if dims.cp > 1:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from herd.config import JobConfig
 from herd.parallel.dims import ParallelDims
@@ -181,30 +181,39 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, enabled=False)
 
     def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
-        """Global L2 norm over every rank's gradients (TP/FSDP shards via DTensor, PP stages by all-reduce).
+        """Global L2 norm over every rank's gradients, then clip all of them by it.
 
-        DTensor gradients and plain ones (e.g. norms left replicated under TP without sequence
-        parallelism) are normed separately — foreach kernels cannot mix them — then combined."""
+        Computed from local shards: the squared sums of each DTensor gradient are all-reduced over the
+        mesh dims where it is sharded (not where it is replicated), plain gradients are local, and
+        pipeline stages add theirs up. (DTensor's own `full_tensor` route would try to flatten the
+        (dp_shard_cp, tp) mesh, which torch 2.11 cannot do in the paper's mesh order.)"""
         grads = [p.grad for p in params if p.grad is not None]
-        groups = [
-            [g for g in grads if isinstance(g, DTensor)],
-            [g for g in grads if not isinstance(g, DTensor)],
-        ]
         squares = torch.zeros((), dtype=torch.float32, device=self.device)
-        for group in groups:
-            if group:
-                norm = torch.nn.utils.get_total_norm(group, 2.0, foreach=True)
-                if isinstance(norm, DTensor):
-                    norm = norm.full_tensor()
-                squares = squares + norm.float().pow(2)
+        by_layout: dict[tuple, list[torch.Tensor]] = {}
+        for g in grads:
+            if isinstance(g, DTensor):
+                if any(pl.is_partial() for pl in g.placements):
+                    g = g.redistribute(
+                        placements=[Replicate() if pl.is_partial() else pl for pl in g.placements]
+                    )
+                key = (id(g.device_mesh), tuple(pl.is_replicate() for pl in g.placements))
+                by_layout.setdefault(key, [g.device_mesh, g.placements, []])[2].append(g.to_local())
+            else:
+                squares = squares + g.detach().float().pow(2).sum()
+        for mesh, placements, locals_ in by_layout.values():
+            part = torch.stack([t.float().pow(2).sum() for t in locals_]).sum()
+            for dim, placement in enumerate(placements):
+                # any non-replicated placement is a shard (FSDP×TP uses _StridedShard, not a Shard)
+                if not placement.is_replicate() and mesh.size(dim) > 1:
+                    dist.all_reduce(part, group=mesh.get_group(dim))
+            squares = squares + part
         if self.mesh is not None and self.dims.pp > 1:
             dist.all_reduce(squares, group=self.mesh["pp"].get_group())
         total = float(squares.sqrt())
         coef = min(1.0, max_norm / (total + 1e-6))
         if coef < 1.0:
-            for group in groups:
-                if group:
-                    torch._foreach_mul_(group, coef)
+            for g in grads:
+                g.mul_(coef)
         return total
 
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:

@@ -98,3 +98,14 @@ def test_grad_accumulation_matches_on_a_mesh(tmp_path):
     single_accum = run_losses(str(tmp_path / "c"), ["--data.batch_size=2", "--train.grad_accum=2"])
     assert max(abs(a - b) for a, b in zip(accum, single_accum)) < TOLERANCE, (accum, single_accum)
     assert len(single) == STEPS
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_4d_layout_on_16_ranks(tmp_path, tmp_path_factory):
+    """PP × DP × CP × TP = 2 × 2 × 2 × 2 on 16 gloo ranks, against one process."""
+    overrides = ["--parallel.pp=2", "--parallel.dp_shard=2", "--parallel.cp=2", "--parallel.tp=2",
+                 "--parallel.pp_microbatches=2"]  # fmt: skip
+    reference = reference_for(overrides, tmp_path_factory)
+    results = spawn_ranks(run_losses, 16, str(tmp_path), overrides, timeout_s=600)
+    assert max(abs(a - b) for a, b in zip(results[0], reference)) < TOLERANCE, (results[0], reference)
