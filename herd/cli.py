@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_convert(sub)
     from herd.data.tokenize_cli import add_parser as add_tokenize
+    from herd.planner_cli import add_parser as add_plan
+
+    add_plan(sub)
 
     add_tokenize(sub)
     try:
