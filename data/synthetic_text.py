@@ -3,7 +3,8 @@
 Three kinds of document, so that a tiny model's progress can be *measured* after a few hundred steps:
 - arithmetic questions ("Question: what is 3 plus 4? Answer: 7."), exact facts the model must recall;
 - scene descriptions of coloured shapes (the vocabulary the vision quickstart's captions use);
-- counting sequences.
+- counting sequences;
+- described scenes with a question about them, in the image-QA dataset's exact wording.
 """
 
 from __future__ import annotations
@@ -54,7 +55,37 @@ def _counting_doc(rng: random.Random) -> str:
     return "Count: " + " ".join(NUMBER_WORDS[start : start + length]) + "."
 
 
+def _scene_qa_doc(rng: random.Random) -> str:
+    """A described scene and a question about it, worded exactly as the image-QA dataset asks: the
+    frozen LLM learns the questions' words and the answer format; an image adapter only has to add
+    the scene."""
+    n = rng.randint(1, 3)
+    objects = [(rng.choice(COLORS), rng.choice(SHAPES)) for _ in range(n)]
+    xs = rng.sample(range(10), n)
+    scene = " ".join(f"There is a {c} {s}." for c, s in objects)
+    kind = rng.choice(("color", "shape", "count", "position"))
+    if kind == "position" and n < 2:
+        kind = "count"
+    if kind == "color":
+        c, s = rng.choice(objects)
+        question, answer = f"What color is the {s}?", c
+    elif kind == "shape":
+        c, s = rng.choice(objects)
+        question, answer = f"What shape is the {c} object?", s
+    elif kind == "count":
+        question, answer = "How many shapes are there?", NUMBER_WORDS[n]
+    else:
+        i, j = rng.sample(range(n), 2)
+        (c1, s1), (c2, s2) = objects[i], objects[j]
+        question, answer = (
+            f"Is the {c1} {s1} left or right of the {c2} {s2}?",
+            "left" if xs[i] < xs[j] else "right",
+        )
+        scene += f" The {c1} {s1} is {answer} of the {c2} {s2}."
+    return f"{scene} Question: {question} Answer: {answer}."
+
+
 def generate_corpus(n_docs: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    makers = (_arithmetic_doc, _arithmetic_doc, _scene_doc, _counting_doc)
+    makers = (_arithmetic_doc, _arithmetic_doc, _scene_doc, _counting_doc, _scene_qa_doc, _scene_qa_doc)
     return [rng.choice(makers)(rng) for _ in range(n_docs)]

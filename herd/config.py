@@ -65,6 +65,9 @@ class OptimizerConfig:
     eps: float = 1e-5
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # learning-rate multipliers by parameter-name substring, e.g. {"gate" = 10.0}: lets the zero-initialised
+    # tanh gates of new cross-attention layers open at a useful pace while everything else keeps `lr`
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -125,6 +128,22 @@ class MetricsConfig:
 
 
 @dataclass
+class VisionConfig:
+    """Image adapter training (`herd train vision`): a frozen LLM, an image encoder, cross-attention."""
+
+    llm: str | None = None  # checkpoint of the frozen LLM (Meta or Hugging Face layout)
+    encoder: str = "tiny"  # vision preset: vit_h14 | vit_h14_336 | vit_h14_metaclip | tiny
+    encoder_args: dict[str, Any] = field(default_factory=dict)
+    encoder_weights: str | None = None  # open_clip / timm ViT checkpoint for the local transformer
+    max_tiles: int = 1  # tiles per image (tile size = the encoder's image_size)
+    cross_attention_every: int = 4  # a cross-attention layer after every N self-attention layers
+    objective: str = "qa"  # qa (loss on the answer) | caption (loss on the caption)
+    train_manifest: str | None = None  # jsonl: {"image": path, "question", "answer" | "caption", ...}
+    val_manifest: str | None = None
+    shards: str | None = None  # webdataset-style tar shards instead of train_manifest
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -134,6 +153,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,23 +11,28 @@ from torch import nn
 from herd.config import OptimizerConfig, ScheduleConfig
 
 
-def param_groups(params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """Decay matrices; leave norms, biases and gates (1-d tensors) undecayed, as is standard for Llama."""
-    decay, no_decay = [], []
-    for _, p in params:
+def param_groups(
+    params: Iterable[tuple[str, nn.Parameter]],
+    weight_decay: float,
+    lr: float,
+    multipliers: dict[str, float] | None = None,
+) -> list[dict]:
+    """Decay matrices; leave norms, biases and gates (1-d tensors) undecayed, as is standard for Llama.
+    A parameter whose name contains a key of `multipliers` trains at lr × that value."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in params:
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        mult = next((m for key, m in (multipliers or {}).items() if key in name), 1.0)
+        wd = weight_decay if p.dim() >= 2 else 0.0
+        groups.setdefault((wd, mult), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr": lr * mult} for (wd, mult), ps in groups.items()]
 
 
 def build_optimizer(
     named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimizerConfig
 ) -> torch.optim.AdamW:
-    groups = param_groups(named_params, cfg.weight_decay)
+    groups = param_groups(named_params, cfg.weight_decay, cfg.lr, cfg.lr_multipliers)
     if not any(g["params"] for g in groups):
         raise ValueError("no trainable parameters: every parameter has requires_grad=False")
     # foreach=True: the multi-tensor path; fused=True would need every param on one CUDA device type.

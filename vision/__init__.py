@@ -1,1 +1,38 @@
-"""herd.vision: see ../shared/DESIGN.md; filled in by later issues."""
+"""herd.vision: the image encoder (ViT-H/14 on timm blocks, multi-layer features, gated layers).
+
+`VisionArgs` and the presets import without timm; the encoder itself needs timm (`pip install timm`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from herd.vision.vision_args import (
+    VISION_PRESET_NAMES,
+    VisionArgs,
+    get_vision_preset,
+    supported_aspect_ratios,
+)
+
+_ENCODER_NAMES = ("TanhGate", "VisionEncoder", "VisionLoadReport", "load_vision_weights", "vit_block")
+
+
+def __getattr__(name: str) -> Any:  # the encoder imports timm: load it on first use
+    if name in _ENCODER_NAMES:
+        from herd.vision import encoder
+
+        return getattr(encoder, name)
+    raise AttributeError(f"module 'herd.vision' has no attribute {name!r}")
+
+
+__all__ = [
+    "VISION_PRESET_NAMES",
+    "TanhGate",
+    "VisionArgs",
+    "VisionEncoder",
+    "VisionLoadReport",
+    "get_vision_preset",
+    "load_vision_weights",
+    "supported_aspect_ratios",
+    "vit_block",
+]
