@@ -1,0 +1,86 @@
+"""The vision task through the one training loop: the LLM stays frozen, the adapter learns, FSDP matches."""
+
+import hashlib
+
+import pytest
+import torch
+
+from herd.config import load_config
+from herd.data.synthetic_shapes import write_shapes_dataset
+from herd.parallel.launch import spawn_ranks
+from herd.tasks.text import export_text_model
+from herd.tasks.vision import VisionTask, evaluate_vqa
+from herd.text import build_llama, get_preset
+from herd.text.tokenizer import Tokenizer
+from herd.text.vocab_subset import SubsetTokenizer
+from herd.trainer import train
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vision")
+    write_shapes_dataset(root / "shapes", n_train=64, n_val=16, seed=0, image_size=56)
+    words = ["Question: What color is the square? What shape is the red object? How many shapes are there?",
+             "Is the red circle left or right of the blue square? Answer: red green blue yellow purple orange",
+             "circle square triangle one two three left right"]  # fmt: skip
+    tok = SubsetTokenizer.from_texts(Tokenizer(), words)
+    torch.manual_seed(0)
+    args = get_preset("tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16,
+                      vocab_size=-(-tok.vocab_size // 64) * 64, max_seq_len=64)  # fmt: skip
+    llm = build_llama(args)
+    export_text_model(llm.state_dict(), args, tok, root / "llm", "meta")
+    return root
+
+
+def overrides(root, run_dir, *extra):
+    return [
+        f"--vision.llm={root / 'llm'}", f"--vision.train_manifest={root / 'shapes' / 'train.jsonl'}",
+        f"--vision.val_manifest={root / 'shapes' / 'val.jsonl'}", "--vision.cross_attention_every=1",
+        f"--train.run_dir={run_dir}", "--data.batch_size=8", "--metrics.log_every=1", "--train.eval_every=0",
+        "--metrics.tensorboard=false", "--checkpoint.save_final=false", "--checkpoint.resume=none",
+        "--train.device=cpu", "--optimizer.lr=3e-3", "--schedule.warmup_steps=2", *extra,
+    ]  # fmt: skip
+
+
+def run_vision(root, run_dir, extra):
+    cfg = load_config(None, overrides(root, run_dir, *extra))
+    result = train(cfg, VisionTask(cfg), show_progress=False)
+    return [h["loss"] for h in result.history]
+
+
+def llm_digest(model) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.llm.state_dict().items()):
+        h.update(k.encode() + v.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_llm_stays_frozen_and_adapter_learns(setup, tmp_path):
+    cfg = load_config(None, overrides(setup, tmp_path, "--train.steps=12"))
+    task = VisionTask(cfg)
+    reference = task._new_model()
+    reference.llm.load_state_dict(task._llm_state)
+    before = llm_digest(reference)
+    result = train(cfg, task, show_progress=False)
+    model = result.model
+    assert llm_digest(model) == before  # the frozen LLM never changes
+    assert not any(p.requires_grad for p in model.llm.parameters())
+    optimised = {id(p) for o in result.runtime.parts for p in o.parameters() if p.requires_grad}
+    assert optimised.isdisjoint({id(p) for p in model.llm.parameters()})
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 12 and all(loss == loss for loss in losses)
+    # the adapter trained: gates left zero, the encoder and projector moved from their initial values
+    assert all(abs(float(b.gate_attn)) > 0 for b in model.cross_attention.values())
+    start = dict(reference.named_parameters())
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, start[n])]
+    assert any(n.startswith("vision.") for n in moved) and any(n.startswith("projector") for n in moved)
+    val = list(task.dataset("val", loop=False))
+    report = evaluate_vqa(model, task, val[:8])
+    assert set(report["accuracy"]) <= {"color", "shape", "count", "position"} and len(report["answers"]) == 8
+
+
+@pytest.mark.multiprocess
+def test_fsdp_matches_single_process(setup, tmp_path):
+    single = run_vision(setup, tmp_path / "a", ["--train.steps=3"])
+    fsdp = spawn_ranks(run_vision, 2, setup, tmp_path / "b", ["--train.steps=3", "--parallel.dp_shard=2"])[0]
+    assert max(abs(a - b) for a, b in zip(single, fsdp)) < 1e-4, (single, fsdp)
