@@ -93,7 +93,9 @@ def bench_hf(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     config = transformers.LlamaConfig(**hf_config_from_args(args))
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     model = transformers.LlamaForCausalLM(config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, foreach=True)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, foreach=True
+    )
     g = torch.Generator().manual_seed(0)
     times = []
     for step in range(a.warmup + a.steps):

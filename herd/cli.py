@@ -32,30 +32,62 @@ def _sampling(args: argparse.Namespace):
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from herd.quickstart import run_quickstart
 
-    run_quickstart(args.out, args.config, args.overrides)
+    vision = [f"--train.steps={args.vision_steps}"] if args.vision_steps else []
+    run_quickstart(args.out, args.config, args.overrides, vision)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from herd.config import load_config
+    from herd.parallel.launch import init_distributed
     from herd.tasks.text import TextPretrainTask
     from herd.trainer import train
 
-    if args.modality != "text":
+    if args.modality not in ("text", "vision"):
         print(
             f"herd train {args.modality}: not available yet (see the issues in the README)", file=sys.stderr
         )
         return 2
-    from herd.parallel.launch import init_distributed
-
     cfg = load_config(args.config, args.overrides)
     rank, _, _ = init_distributed()
+    if args.modality == "vision":
+        from herd.ask import save_vision_model
+        from herd.tasks.vision import VisionTask
+
+        result = train(cfg, VisionTask(cfg))
+        if rank == 0 and result.runtime.world == 1:
+            out = save_vision_model(
+                result.model, cfg.vision.llm, cfg.vision.max_tiles, f"{cfg.train.run_dir}/model"
+            )
+            print(
+                f"final loss {result.final_loss:.4f}; vision model written to {out} (herd ask --model {out})"
+            )
+        return 0
     task = TextPretrainTask(cfg)
     result = train(cfg, task)
     state = result.runtime.full_state_dict()  # collective: every rank takes part, rank 0 gets it
     if rank == 0:
         out = task.export(state, f"{cfg.train.run_dir}/model", cfg.checkpoint.export_format)
         print(f"final loss {result.final_loss:.4f}; model written to {out}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from herd.ask import VisionQA
+
+    qa = VisionQA.load(args.model, device=args.device)
+    images = []
+    for path in args.image:
+        try:
+            images.append(Image.open(path).convert("RGB"))
+        except OSError as e:
+            print(f"herd ask: cannot read image {path}: {e}", file=sys.stderr)
+            return 2
+    questions = args.question if len(args.question) == len(images) else args.question * len(images)
+    for path, question, answer in zip(args.image, questions, qa.ask(images, questions, args.max_new_tokens)):
+        print(f"{path}\t{question}\t{answer}")
     return 0
 
 
@@ -105,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="train a tiny model on CPU end to end and show what it learned")
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--config", default=None, help="default: configs/quickstart.toml")
+    p.add_argument("--vision-steps", type=int, default=None, help="default: configs/quickstart_vision.toml")
     p.set_defaults(func=cmd_quickstart, takes_overrides=True)
 
     p = sub.add_parser(
@@ -113,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("modality", choices=["text", "vision", "video", "speech", "sft", "rm", "dpo"])
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_train, takes_overrides=True)
+
+    p = sub.add_parser("ask", help="answer questions about images with a trained vision checkpoint")
+    p.add_argument("--model", required=True, help="vision checkpoint folder (herd train vision / quickstart)")
+    p.add_argument("--image", action="append", required=True, help="repeatable; images are batched")
+    p.add_argument("--question", action="append", required=True, help="one per image, or one for all")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("generate", help="plain completion from a checkpoint")
     _add_model_options(p)

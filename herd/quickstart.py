@@ -4,6 +4,12 @@ Stage 1 (text): a tiny Llama with the real Llama 3 tokenizer (trimmed to the cor
 through the one training loop on a generated corpus; the quickstart then measures what it learned
 (greedy recall of the 100 single-digit additions) and samples a few completions. Results go to
 `<out>/quickstart.json` and the model to `<out>/text_model`, which `herd generate` loads.
+
+Stage 2 (vision): the text model is frozen; a tiny image encoder of the paper's class (multi-layer
+features + gated global layers) and gated cross-attention layers train on generated coloured-shape
+images with questions about colour, shape, count and position. Held-out accuracy per question type is
+reported beside chance, with the check that the frozen LLM's text-only logits are unchanged; the
+adapter goes to `<out>/vision_model` (`herd ask` loads it) and example answers to `<out>/examples.png`.
 """
 
 from __future__ import annotations
@@ -38,8 +44,55 @@ def evaluate_text_model(model, tokenizer) -> dict[str, Any]:
     }
 
 
+def run_vision_stage(out: Path, llm_dir: Path, overrides: list[str], console: Console) -> dict[str, Any]:
+    """Train the image adapter on the frozen text model; held-out accuracy per question type."""
+    import torch
+
+    from herd.ask import save_vision_model
+    from herd.data.image_grid import save_image_grid
+    from herd.data.synthetic_shapes import chance_accuracy, write_shapes_dataset
+    from herd.tasks.vision import VisionTask, evaluate_vqa
+    from herd.text.loading import load_model
+    from herd.trainer import train
+
+    shapes = out / "shapes"
+    write_shapes_dataset(shapes, n_train=6000, n_val=400, seed=0, image_size=56)
+    cfg = load_config(
+        config_path("quickstart_vision.toml"),
+        [f"--vision.llm={llm_dir}", f"--vision.train_manifest={shapes / 'train.jsonl'}",
+         f"--vision.val_manifest={shapes / 'val.jsonl'}", f"--train.run_dir={out / 'vision'}", *overrides],
+    )  # fmt: skip
+    console.rule("[bold]herd quickstart · stage 2: vision adapter on the frozen LLM")
+    task = VisionTask(cfg)
+    result = train(cfg, task)
+    model = result.model.eval()
+    # the frozen LLM is untouched: the composed model's text-only logits equal the checkpoint's exactly
+    frozen = load_model(llm_dir)
+    probe = torch.tensor([task.tokenizer.encode("The red circle is left of the", bos=True)])
+    with torch.no_grad():
+        text_only_unchanged = bool(torch.equal(model(probe), frozen(probe)))
+    val = list(task.dataset("val", loop=False))
+    report = evaluate_vqa(model, task, val)
+    model_dir = save_vision_model(model, llm_dir, cfg.vision.max_tiles, out / "vision_model")
+    shown = val[:12]
+    captions = [f"{s['question']} -> {a}" for s, a in zip(shown, report["answers"][:12])]
+    save_image_grid([s["image"] for s in shown], captions, out / "examples.png", cols=4)
+    return {
+        "accuracy": report["accuracy"],
+        "chance": chance_accuracy(shapes / "val.jsonl"),
+        "text_only_unchanged": text_only_unchanged,
+        "train_seconds": result.seconds,
+        "final_train_loss": result.final_loss,
+        "model_dir": str(model_dir),
+        "examples_png": str(out / "examples.png"),
+    }
+
+
 def run_quickstart(
-    out: str | Path = "runs/quickstart", config: str | Path | None = None, overrides: list[str] | None = None
+    out: str | Path = "runs/quickstart",
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    vision_overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     from herd.tasks.text import TextPretrainTask
     from herd.trainer import train
@@ -59,7 +112,13 @@ def run_quickstart(
     result = train(cfg, task)
     model_dir = task.export(result.runtime.full_state_dict(), out / "text_model", "meta")
     text_eval = evaluate_text_model(result.model, task.tokenizer)
+    vision = run_vision_stage(out, Path(model_dir), vision_overrides or [], console)
     report = {
+        "accuracy": vision["accuracy"],
+        "chance": vision["chance"],
+        "text_only_unchanged": vision["text_only_unchanged"],
+        "seconds": time.perf_counter() - start,
+        "vision": vision,
         "text": {
             "final_train_loss": result.final_loss,
             "val_loss": result.val_loss,
@@ -68,24 +127,38 @@ def run_quickstart(
             **text_eval,
             "model_dir": str(model_dir),
         },
-        "seconds": time.perf_counter() - start,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "quickstart.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_summary(report, console)
+    return report
 
+
+def print_summary(report: dict[str, Any], console: Console) -> None:
+    text, vision = report["text"], report["vision"]
     table = Table(title="quickstart results")
     table.add_column("metric")
     table.add_column("value")
-    table.add_row("text: train / val loss", f"{result.final_loss:.3f} / {result.val_loss:.3f}")
+    val = "n/a" if text["val_loss"] is None else f"{text['val_loss']:.3f}"
+    table.add_row("text: train / val loss", f"{text['final_train_loss']:.3f} / {val}")
     table.add_row(
         "text: arithmetic recall (greedy)",
-        f"{100 * text_eval['arithmetic_accuracy']:.0f}%  (chance {100 * text_eval['arithmetic_chance']:.0f}%)",
+        f"{100 * text['arithmetic_accuracy']:.0f}%  (chance {100 * text['arithmetic_chance']:.0f}%)",
     )
-    for prompt, completion in text_eval["samples"].items():
+    for prompt, completion in text["samples"].items():
         table.add_row(f"sample: {prompt!r}", completion.strip())
+    for kind, acc in vision["accuracy"].items():
+        chance = vision["chance"].get(kind, float("nan"))
+        table.add_row(
+            f"vision: {kind} accuracy (held out)", f"{100 * acc:.0f}%  (chance {100 * chance:.0f}%)"
+        )
+    table.add_row("vision: frozen LLM's text-only logits unchanged", str(vision["text_only_unchanged"]))
     table.add_row("total time", f"{report['seconds']:.0f} s")
     Console().print(table)
     console.print(
-        f"wrote {out / 'quickstart.json'}; try: herd generate --model {model_dir} --prompt 'Count: two'"
+        f"wrote {report['text']['model_dir']}, {vision['model_dir']} and {vision['examples_png']}; try:"
     )
-    return report
+    console.print(f"  herd generate --model {text['model_dir']} --prompt 'Count: two'")
+    console.print(
+        f"  herd ask --model {vision['model_dir']} --image <a .png> --question 'How many shapes are there?'"
+    )

@@ -1,0 +1,360 @@
+"""Image-text training data: a jsonl manifest + image folder, or webdataset tar shards.
+
+Both formats become one list of `Record`s (text fields in memory, the image as a file or a byte range
+inside a tar), so shuffling, sharding and resuming are one mechanism and the two formats of the same
+data yield the same samples in the same order:
+  * manifest: one json object per line, `{"image": relpath, "caption"/"text": …, "question": …,
+    "answer": …, "question_type": …}`; image paths are relative to the manifest's folder (or `root`);
+  * tar shards: webdataset layout, `key.png|jpg|…` plus `key.json` (fields) and/or `key.txt` (→ "text"),
+    members of one sample contiguous, shards read in sorted path order. Only the headers are scanned
+    when indexing; an image is read later with one seek, so shards must be uncompressed `.tar`.
+
+Bad data never stops a run. Unparseable lines, samples without an image, and images that cannot be
+decoded (missing, truncated, not an image, absurdly large) are skipped and counted by reason in
+`dataset.skipped`, whose `metrics()` go to the logger.
+
+Order and resumption (`ImageTextDataset`): epoch e is a permutation of all records seeded by (seed, e);
+round j of it gives data-parallel rank r the record at j·world_size + r. Every rank yields exactly one
+sample per round: when its record is unreadable it takes the next readable record of its own share
+instead (and remembers the bad one). Ranks therefore stay in lockstep, and the state (epoch, round)
+is the same on every rank, which is what the checkpointer stores once for all ranks. Decoding is
+deterministic, so a resumed run yields exactly the samples the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import tarfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.utils.data
+from PIL import Image, UnidentifiedImageError
+
+from herd.data.image_sources import IMAGE_EXTS, _split_key
+from herd.data.jsonl_io import atomic_write, dumps, iter_jsonl
+from herd.vision.tiling import to_rgb
+
+TEXT_MEMBERS = {"txt": "text", "text": "text", "caption": "caption"}  # tar member extension → field
+
+
+@dataclass
+class SkipCounter:
+    """Skipped inputs by reason, with the first few locations so a log line says where to look."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    max_examples: int = 10
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append(f"{where}: {reason}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def metrics(self, prefix: str = "data/skipped") -> dict[str, float]:
+        out = {prefix: float(self.total)}
+        out.update({f"{prefix}/{reason}": float(n) for reason, n in sorted(self.counts.items())})
+        return out
+
+
+@dataclass(frozen=True)
+class Record:
+    key: str
+    fields: dict[str, Any]  # text fields of the sample (caption, question, answer, …)
+    path: str  # image file, or the tar shard holding it
+    offset: int = -1  # byte range inside the tar shard; -1 = the whole file at `path`
+    size: int = -1
+
+    def image_bytes(self) -> bytes:
+        with open(self.path, "rb") as f:
+            if self.offset < 0:
+                return f.read()
+            f.seek(self.offset)
+            return f.read(self.size)  # short when the shard is truncated; the decoder then says so
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Fully decoded RGB image; transparency is composited onto white, as the tiling transform does."""
+    im = Image.open(io.BytesIO(data))
+    im.load()  # decode now, so a truncated file fails here (and is counted), not in a later transform
+    return to_rgb(im)
+
+
+def _failure_reason(err: BaseException) -> str:
+    if isinstance(err, FileNotFoundError):
+        return "missing_file"
+    if isinstance(err, UnidentifiedImageError):
+        return "not_an_image"
+    if isinstance(err, Image.DecompressionBombError):
+        return "too_large"
+    if isinstance(err, OSError) and "truncated" in str(err):
+        return "truncated_image"
+    return "decode_error"
+
+
+def index_jsonl(
+    manifest: str | Path, root: str | Path | None = None, skipped: SkipCounter | None = None
+) -> list[Record]:
+    """Records of a jsonl manifest in line order; `image` paths are relative to `root` (default: the
+    manifest's folder). The manifest itself is read now; images are only opened when iterated."""
+    manifest = Path(manifest)
+    base = Path(root) if root is not None else manifest.parent
+    skipped = skipped if skipped is not None else SkipCounter()
+    records = []
+    for item in iter_jsonl(manifest):
+        if item.record is None:
+            skipped.add(item.bad or "bad_record", item.where)
+            continue
+        rec = dict(item.record)
+        image = rec.pop("image", None)
+        if not isinstance(image, str) or not image:
+            skipped.add("no_image_field", item.where)
+            continue
+        key = str(rec.pop("id", image))
+        records.append(Record(key, rec, str(base / image)))
+    return records
+
+
+def _shard_groups(tf: tarfile.TarFile) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
+    """(key, members) per sample; webdataset keeps the members of one sample contiguous. A sample is
+    only emitted once the next one's header was read, so a sample cut by a truncated shard never is."""
+    key, members = "", []
+    for m in tf:
+        if not m.isfile():
+            continue
+        k, _ = _split_key(m.name)
+        if k != key and members:
+            yield key, members
+            members = []
+        key = k
+        members.append(m)
+    # tarfile treats a header cut short as the end of the archive, so check for the end-of-archive
+    # block where the next header would start: without it the last sample may lack members.
+    tf.fileobj.seek(tf.offset)  # type: ignore[union-attr]
+    end = tf.fileobj.read(tarfile.BLOCKSIZE)  # type: ignore[union-attr]
+    if len(end) < tarfile.BLOCKSIZE or end.strip(b"\0"):
+        raise tarfile.ReadError(f"no end-of-archive block at byte {tf.offset}: the shard is truncated")
+    if members:
+        yield key, members
+
+
+def _shard_record(
+    tf: tarfile.TarFile, path: str, key: str, members: list[tarfile.TarInfo], skipped: SkipCounter
+) -> Record | None:
+    fields: dict[str, Any] = {}
+    image: tuple[int, int] | None = None
+    for m in members:
+        ext = _split_key(m.name)[1].rsplit(".", 1)[-1]
+        if f".{ext}" in IMAGE_EXTS:
+            image = image or (m.offset_data, m.size)  # the first image member is the sample's image
+        elif ext == "json" or ext in TEXT_MEMBERS:
+            raw = tf.extractfile(m).read()  # type: ignore[union-attr]
+            try:
+                if ext != "json":
+                    fields[TEXT_MEMBERS[ext]] = raw.decode("utf-8")
+                elif isinstance(meta := json.loads(raw), dict):
+                    fields.update(meta)
+                else:
+                    raise ValueError("json member is not an object")
+            except ValueError:  # bad JSON and bad UTF-8 are both ValueErrors
+                skipped.add("bad_text_member", f"{path}#{m.name}")
+                return None
+    if image is None:
+        skipped.add("no_image", f"{path}#{key}")
+        return None
+    # An explicit id (write_tar_shards stores the manifest's) names the sample as the manifest did.
+    return Record(str(fields.pop("id", key)), fields, path, *image)
+
+
+def _index_shard(path: str, records: list[Record], skipped: SkipCounter) -> None:
+    opened = False
+    try:
+        with tarfile.open(path, mode="r:") as tf:  # "r:" refuses compressed tars: reading by offset needs raw
+            opened = True
+            for key, members in _shard_groups(tf):
+                if (rec := _shard_record(tf, path, key, members, skipped)) is not None:
+                    records.append(rec)
+    except (tarfile.TarError, OSError) as err:
+        # Not a tar (or a compressed one), or an interrupted copy: the samples before the cut are kept.
+        skipped.add("truncated_shard" if opened else "unreadable_shard", f"{path}: {err}")
+
+
+def index_tar_shards(paths: Iterable[str | Path], skipped: SkipCounter | None = None) -> list[Record]:
+    """Records of webdataset shards (sorted by path), from a scan of the tar headers plus the small
+    text members; image bytes are not read. A shard cut short keeps the samples before the cut."""
+    skipped = skipped if skipped is not None else SkipCounter()
+    records: list[Record] = []
+    for path in sorted(str(p) for p in paths):
+        _index_shard(path, records, skipped)
+    return records
+
+
+class ImageTextDataset(torch.utils.data.IterableDataset):
+    """Shuffled, rank-sharded, resumable stream of `{"key", "image": PIL RGB, **text fields}`.
+
+    `loop=True` runs forever (training); `loop=False` ends after the current epoch (the next `iter`
+    starts the following one). `len()` is the number of samples a rank gets per epoch. Under a
+    DataLoader with workers, worker w takes rounds w, w+n, … so the loader's round-robin yields the same
+    order; the loader's copies hold the state then, so resume by calling `load_state_dict` before
+    building the loader.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        loop: bool = True,
+        skipped: SkipCounter | None = None,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.skipped = skipped if skipped is not None else SkipCounter()
+        if len(records) < world_size:
+            raise ValueError(
+                f"{len(records)} records cannot feed {world_size} data-parallel ranks "
+                f"(skipped while indexing: {dict(self.skipped.counts)}, e.g. {self.skipped.examples[:2]})"
+            )
+        self.records, self.rank, self.world_size = list(records), rank, world_size
+        self.seed, self.shuffle, self.loop = seed, shuffle, loop
+        self.rounds = len(self.records) // world_size  # the tail of each permutation waits for the next epoch
+        self.epoch, self.position = 0, 0
+        self._bad: set[int] = set()  # records known to be unreadable (decoding is deterministic)
+        self._order_epoch, self._order = -1, np.arange(0)
+
+    @classmethod
+    def from_jsonl(cls, manifest: str | Path, root: str | Path | None = None, **kw: Any) -> ImageTextDataset:
+        skipped = SkipCounter()
+        return cls(index_jsonl(manifest, root, skipped), skipped=skipped, **kw)
+
+    @classmethod
+    def from_tar_shards(cls, paths: str | Path | Iterable[str | Path], **kw: Any) -> ImageTextDataset:
+        """`paths`: shard files, a folder (all its `*.tar`) or a glob pattern ("shards/*.tar")."""
+        if isinstance(paths, str | Path):
+            if Path(paths).is_dir():
+                paths = sorted(Path(paths).glob("*.tar"))
+            else:
+                paths = sorted(glob.glob(str(paths))) if any(c in str(paths) for c in "*?[") else [paths]
+        skipped = SkipCounter()
+        return cls(index_tar_shards(paths, skipped), skipped=skipped, **kw)
+
+    def __len__(self) -> int:
+        return self.rounds
+
+    def _mine(self, epoch: int) -> np.ndarray:
+        """Record indices of this rank for `epoch`, one per round."""
+        if self._order_epoch != epoch:
+            n = len(self.records)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order = order[self.rank : self.rounds * self.world_size : self.world_size]
+            self._order_epoch = epoch
+        return self._order
+
+    def _load(self, index: int) -> dict[str, Any] | None:
+        rec = self.records[index]
+        try:
+            image = decode_image(rec.image_bytes())
+        # Decoders raise many types (OSError, SyntaxError, ValueError, …); none may stop a run.
+        except Exception as err:
+            self._bad.add(index)
+            self.skipped.add(_failure_reason(err), f"{rec.path}#{rec.key}: {type(err).__name__}: {err}")
+            return None
+        return {"key": rec.key, **rec.fields, "image": image}
+
+    def _sample_for_round(self, epoch: int, round_: int) -> dict[str, Any]:
+        mine = self._mine(epoch)
+        for k in range(self.rounds):  # the round's record, else the next readable one of this rank
+            index = int(mine[(round_ + k) % self.rounds])
+            if index not in self._bad and (sample := self._load(index)) is not None:
+                return sample
+        raise RuntimeError(
+            f"rank {self.rank} has no readable image in epoch {epoch}: {self.skipped.examples}"
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        n_workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        start = t = self.epoch * self.rounds + self.position  # rounds are counted across epochs
+        end = (self.epoch + 1) * self.rounds  # loop=False: the rest of the current epoch
+        while self.loop or t < end:
+            epoch, round_ = divmod(t, self.rounds)
+            t += 1
+            if (t - 1 - start) % n_workers != worker:
+                continue
+            sample = self._sample_for_round(epoch, round_)
+            self.epoch, self.position = divmod(t, self.rounds)  # set before yielding: resume *after* it
+            yield sample
+        self.epoch, self.position = divmod(end, self.rounds)
+
+    def state_dict(self) -> dict[str, Any]:
+        # The same on every rank (no per-rank counters): the checkpointer stores one copy for all.
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "world_size": self.world_size,
+            "seed": self.seed,
+            "n_records": len(self.records),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["n_records"], state["seed"]) != (len(self.records), self.seed):
+            raise ValueError(
+                f"data state is for {state['n_records']} records with seed {state['seed']}, this dataset has "
+                f"{len(self.records)} with seed {self.seed}: resuming would change the samples"
+            )
+        self.epoch, position = int(state["epoch"]), int(state["position"])
+        # Another data-parallel size: continue after the same number of records of the global order
+        # (rounded down, so at most one round's records are seen twice).
+        self.position = position * int(state["world_size"]) // self.world_size
+
+
+def write_tar_shards(
+    manifest: str | Path,
+    out_dir: str | Path,
+    samples_per_shard: int = 1000,
+    root: str | Path | None = None,
+    prefix: str = "shard",
+) -> list[Path]:
+    """Copy a manifest + image folder into webdataset shards `{prefix}-000000.tar`, … in manifest order.
+
+    Image bytes are copied as they are (no re-encode, so a bad image stays bad and is counted by the
+    reader exactly as for the manifest); the other fields go to `key.json`. Records whose image file is
+    missing are left out. Shards are written atomically and reproducibly (fixed mtime and owner).
+    """
+    out = Path(out_dir)
+    records = index_jsonl(manifest, root)
+    written: list[Path] = []
+    for first in range(0, len(records), samples_per_shard):
+        path = out / f"{prefix}-{len(written):06d}.tar"
+        with (
+            atomic_write(path, "wb") as f,
+            tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf,
+        ):
+            for i, rec in enumerate(records[first : first + samples_per_shard], start=first):
+                if not Path(rec.path).is_file():
+                    continue
+                # The reader decodes by content; the extension only marks which member is the image.
+                ext = Path(rec.path).suffix.lower()
+                ext = ext if ext in IMAGE_EXTS else ".jpg"
+                key = f"{i:09d}"
+                for name, data in (
+                    (key + ext, rec.image_bytes()),
+                    (key + ".json", dumps({"id": rec.key, **rec.fields}).encode()),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    tf.addfile(info, io.BytesIO(data))
+        written.append(path)
+    return written

@@ -1,0 +1,217 @@
+"""Streaming record I/O shared by the image and text curation tools.
+
+Everything here streams: a corpus is never held in memory. Readers yield one `Item` per input
+record together with a *resumable position* (file index, byte offset for jsonl / row index for
+parquet), so a pipeline can checkpoint "where it was" and seek straight back after a kill. Bad
+records (unparseable JSON, a line that is not an object) are yielded as items with a `bad` reason
+instead of raising, so callers count them and move on.
+
+Writes are atomic: data goes to a temporary file in the destination folder and is moved into place
+with `os.replace`, so a file that exists is always complete. Resumable stages use "the file exists"
+as their done-marker.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+Position = tuple[int, int]  # (index of the input file, byte offset (jsonl) or row index (parquet))
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file next to `path`; on success move it over `path` (all or nothing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A crash mid-write leaves no partial file under the real name.
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
+    with atomic_write(path, "wb") as f:
+        np.save(f, array)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
+    """Atomically write records as jsonl; returns the number written."""
+    n = 0
+    with atomic_write(path, "w") as f:
+        for rec in records:
+            f.write(dumps(rec) + "\n")
+            n += 1
+    return n
+
+
+def dumps(rec: Any) -> str:
+    return json.dumps(rec, ensure_ascii=False, default=_json_default)
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy scalars/arrays show up in reports and records (scores, counts).
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+@dataclass
+class Item:
+    """One input record, or the reason it could not be read (`record` is None then)."""
+
+    record: dict[str, Any] | None
+    bad: str | None
+    pos: Position  # position *after* this record: resume here to continue with the next one
+    where: str  # "file:line" / "file:row" for messages and rejects
+
+
+def _open_text_binary(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def is_parquet(path: str | Path) -> bool:
+    return str(path).endswith(".parquet")
+
+
+def pyarrow_modules():
+    """(pyarrow, pyarrow.parquet), imported on first parquet use with an install hint."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError("parquet input/output needs pyarrow: pip install 'herd[data]'") from e
+    return pa, pq
+
+
+def iter_jsonl(path: str | Path, file_index: int = 0, offset: int = 0) -> Iterator[Item]:
+    """Yield records of one jsonl(.gz) file from byte `offset` (0 = start)."""
+    path = Path(path)
+    with _open_text_binary(path) as f:
+        if offset:
+            f.seek(offset)
+        line_no = 0
+        while True:
+            raw = f.readline()
+            if not raw:
+                return
+            line_no += 1
+            pos = (file_index, f.tell())
+            where = f"{path.name}@{pos[1] - len(raw)}"
+            if not raw.strip():
+                continue  # blank lines are not records (common at the end of files)
+            try:
+                rec = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                yield Item(None, "bad_json", pos, where)
+                continue
+            if not isinstance(rec, dict):
+                yield Item(None, "not_an_object", pos, where)
+                continue
+            yield Item(rec, None, pos, where)
+
+
+def iter_parquet(
+    path: str | Path, file_index: int = 0, row: int = 0, batch_size: int = 4096
+) -> Iterator[Item]:
+    """Yield records of one parquet file from row `row`, reading one batch at a time (bounded memory)."""
+    _, pq = pyarrow_modules()
+    path = Path(path)
+    pf = pq.ParquetFile(path)
+    # Skip whole row groups using metadata so resuming deep into a file does not re-read it.
+    first_group, skipped = 0, 0
+    meta = pf.metadata
+    while first_group < meta.num_row_groups and skipped + meta.row_group(first_group).num_rows <= row:
+        skipped += meta.row_group(first_group).num_rows
+        first_group += 1
+    groups = list(range(first_group, meta.num_row_groups))
+    if not groups:
+        return
+    current = skipped
+    for batch in pf.iter_batches(batch_size=batch_size, row_groups=groups):
+        for rec in batch.to_pylist():
+            current += 1
+            if current <= row:
+                continue
+            yield Item(rec, None, (file_index, current), f"{path.name}#{current - 1}")
+
+
+class RecordReader:
+    """Several jsonl / parquet files read as one stream with resumable positions."""
+
+    def __init__(self, paths: Iterable[str | Path], batch_size: int = 4096):
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise ValueError("no input files")
+        for p in self.paths:
+            if not p.exists():
+                raise FileNotFoundError(p)
+        self.batch_size = batch_size
+
+    def iter_from(self, pos: Position = (0, 0)) -> Iterator[Item]:
+        file_index, offset = pos
+        for i in range(file_index, len(self.paths)):
+            start = offset if i == file_index else 0
+            p = self.paths[i]
+            if is_parquet(p):
+                yield from iter_parquet(p, i, start, self.batch_size)
+            else:
+                yield from iter_jsonl(p, i, start)
+            offset = 0
+
+    def __iter__(self) -> Iterator[Item]:
+        return self.iter_from((0, 0))
+
+
+def write_part(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """Write one output part atomically: parquet if the name ends in .parquet, jsonl otherwise."""
+    if is_parquet(path):
+        pa, pq = pyarrow_modules()
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(records), buf)
+        with atomic_write(path, "wb") as f:
+            f.write(buf.getvalue())
+    else:
+        write_jsonl(path, records)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Small-file convenience (reports, tests): all good records of a jsonl file."""
+    return [it.record for it in iter_jsonl(path) if it.record is not None]
+
+
+def read_parts(paths: Iterable[str | Path]) -> Iterator[dict[str, Any]]:
+    """Stream the records of output parts in order (jsonl or parquet)."""
+    paths = list(paths)
+    if not paths:
+        return
+    for it in RecordReader(paths):
+        if it.record is not None:
+            yield it.record
