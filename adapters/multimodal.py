@@ -272,16 +272,7 @@ class MultimodalLlama(nn.Module):
     def new_kv_cache(
         self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None
     ) -> MultimodalKVCache:
-        ref = next(self.llm.parameters())
-        cache = MultimodalKVCache(
-            n_layers=self.args.n_layers,
-            batch_size=batch_size,
-            max_seq_len=max_seq_len or self.args.max_seq_len,
-            n_kv_heads=self.args.n_kv_heads,
-            head_dim=self.args.head_dim,
-            dtype=dtype or ref.dtype,
-            device=ref.device,
-        )
+        cache = self.llm.new_kv_cache(batch_size, max_seq_len, dtype, cache_cls=MultimodalKVCache)
         if self._bound is not None:
             images = dict(self._bound)
             mask = images.pop("cross_attention_mask")

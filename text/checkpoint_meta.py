@@ -1,6 +1,6 @@
 """Meta's checkpoint layout: `params.json` + `consolidated.NN.pth`, one file per model-parallel rank.
 
-Meta's reference code (fairscale) splits each weight across ranks the way its parallel layer does:
+Meta's reference code (its model-parallel layers) splits each weight across ranks the way its parallel layer does:
 column-parallel layers (wq, wk, wv, w1, w3, output) along the output dim 0, row-parallel ones
 (wo, w2) along the input dim 1; norms are replicated. The token embedding is split along the model
 dim (ParallelEmbedding, Llama 1/2) or the vocabulary (VocabParallelEmbedding, Llama 3): which one is
@@ -277,7 +277,7 @@ def split_state_dict(
     num_shards: int,
     embedding_split: EmbeddingSplit = "vocab",
 ) -> list[dict[str, torch.Tensor]]:
-    """The inverse of the merge: one dict per rank, split as fairscale's parallel layers would."""
+    """The inverse of the merge: one dict per rank, split as Meta's model-parallel layers would."""
     n = num_shards
     if shard_shapes(args, n, embedding_split) is None:
         raise CheckpointError(f"the model's dims are not divisible into {n} shards ({embedding_split} split)")

@@ -326,10 +326,14 @@ class Llama(nn.Module):
         return self.head(h)  # (B, T, V)
 
     def new_kv_cache(
-        self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None
+        self,
+        batch_size: int,
+        max_seq_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        cache_cls: type[KVCache] = KVCache,  # composed models pass a subclass that also holds image K/V
     ) -> KVCache:
         ref = next(self.parameters())
-        return KVCache(
+        return cache_cls(
             n_layers=self.args.n_layers,
             batch_size=batch_size,
             max_seq_len=max_seq_len or self.args.max_seq_len,
