@@ -12,10 +12,8 @@ sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -74,32 +72,6 @@ def tokenize_documents(docs: Iterable[str], tokenizer: _Encoder) -> TokenStream:
     if not chunks:
         raise ValueError("no documents to tokenize")
     return TokenStream(np.concatenate(chunks), np.concatenate(ids))
-
-
-def read_jsonl_texts(paths: Iterable[str | Path], field: str, skipped: SkippedRecords) -> Iterator[str]:
-    """Texts of `field` from jsonl files; unparseable lines and records without the field are counted."""
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    text = record[field]
-                    if not isinstance(text, str):
-                        raise TypeError(f"field {field!r} is {type(text).__name__}, not a string")
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    skipped.add(f"{path}:{line_no}: {type(e).__name__}: {e}")
-                    continue
-                yield text
-
-
-def read_text_files(paths: Iterable[str | Path]) -> Iterator[str]:
-    """Every `*.txt` file under the given files/folders is one document (sorted for determinism)."""
-    for path in map(Path, paths):
-        files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
-        for file in files:
-            yield file.read_text(encoding="utf-8", errors="replace")
 
 
 def _window(stream: TokenSource, start: int, seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

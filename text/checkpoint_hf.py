@@ -29,6 +29,7 @@ from herd.text.checkpoint_meta import (
     check_keys,
     expected_shapes,
     fmt_shape,
+    read_json_file,
 )
 
 CONFIG_FILE = "config.json"
@@ -201,13 +202,7 @@ def hf_config_from_args(
 
 
 def read_hf_config(path: str | PathLike) -> dict[str, Any]:
-    file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        raise CheckpointFileMissing(f"{file} not found (a Hugging Face checkpoint needs config.json)")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: invalid JSON ({e})") from e
+    return read_json_file(Path(path) / CONFIG_FILE, "a Hugging Face checkpoint")
 
 
 # --- reading -----------------------------------------------------------------------------------------

@@ -136,14 +136,18 @@ def find_shards(path: str | PathLike) -> list[Path]:
     return [found[i] for i in sorted(found)]
 
 
-def read_params(path: str | PathLike) -> dict[str, Any]:
-    file = Path(path) / PARAMS_FILE
+def read_json_file(file: Path, needed_by: str) -> dict[str, Any]:
+    """A checkpoint's JSON config; errors name the file (`needed_by`: "a Meta checkpoint", ...)."""
     if not file.is_file():
-        raise CheckpointFileMissing(f"{file} not found (a Meta checkpoint needs params.json)")
+        raise CheckpointFileMissing(f"{file} not found ({needed_by} needs {file.name})")
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file}: invalid JSON ({e})") from e
+
+
+def read_params(path: str | PathLike) -> dict[str, Any]:
+    return read_json_file(Path(path) / PARAMS_FILE, "a Meta checkpoint")
 
 
 def args_from_params(

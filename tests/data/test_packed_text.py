@@ -9,9 +9,7 @@ import torch
 from herd.data.packed_text import (
     IGNORE_INDEX,
     PackedBatches,
-    SkippedRecords,
     TokenStream,
-    read_jsonl_texts,
     sequential_batches,
     tokenize_documents,
 )
@@ -64,11 +62,3 @@ def test_state_dict_resumes_exactly():
     for _ in range(7):
         x, y = next(a), next(b)
         assert all(torch.equal(x[k], y[k]) for k in x)
-
-
-def test_bad_jsonl_records_are_skipped_and_counted(tmp_path):
-    f = tmp_path / "d.jsonl"
-    f.write_text('{"text": "good"}\nnot json\n{"other": 1}\n{"text": 5}\n\n{"text": "also good"}\n')
-    skipped = SkippedRecords()
-    assert list(read_jsonl_texts([f], "text", skipped)) == ["good", "also good"]
-    assert skipped.count == 3 and f"{f}:2" in skipped.examples[0]
