@@ -144,6 +144,31 @@ class VisionConfig:
 
 
 @dataclass
+class PostTrainConfig:
+    """Post-training (`herd train sft|rm|dpo|ppo`, paper §4): the model starts from `model.init_from`."""
+
+    train_data: str | None = None  # jsonl: dialogs (sft), preferences (rm, dpo) or prompts (ppo)
+    val_data: str | None = None  # jsonl of the same kind; default: hold out `val_fraction` of train_data
+    val_fraction: float = 0.1
+    pack: bool = True  # sft: several dialogs per sequence, kept apart by the document mask
+    # reward model: Bradley–Terry; "none" is Llama 3's (no margin), "small"/"large" Llama 2's m(r)
+    margin: str = "none"
+    # dpo (Llama 3: beta 0.1, NLL on the chosen response weighted 0.2, formatting tokens masked)
+    beta: float = 0.1
+    nll_weight: float = 0.2
+    mask_format_tokens: bool = True
+    reference: str | None = None  # frozen reference policy; default model.init_from
+    # ppo (Llama 2-Chat RLHF) and rejection sampling
+    reward_model: str | None = None  # a `herd train rm` export
+    kl_coef: float = 0.01  # KL penalty to the reference policy (Llama 2: 0.01 for 7B/34B, 0.005 for 70B)
+    ppo_clip: float = 0.2
+    ppo_epochs: int = 1  # optimizer steps on each rollout batch
+    value_coef: float = 0.5
+    max_new_tokens: int = 32  # rollout length
+    temperature: float = 1.0
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -154,6 +179,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
+    post: PostTrainConfig = field(default_factory=PostTrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
