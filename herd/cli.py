@@ -167,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     from herd.convert_cli import add_parser as add_convert
 
     add_convert(sub)
+    from herd.average import add_parser as add_average
+    from herd.sample import add_parser as add_sample
+
+    add_sample(sub)
+    add_average(sub)
+    from herd.data.ghost_attention import add_parser as add_gatt
+
+    add_gatt(sub)
+    from herd.tasks.dpo import add_parser as add_dpo_reference
+
+    add_dpo_reference(sub)
     from herd.data.tokenize_cli import add_parser as add_tokenize
     from herd.planner_cli import add_parser as add_plan
 

@@ -137,7 +137,9 @@ class VisionConfig:
     encoder_weights: str | None = None  # open_clip / timm ViT checkpoint for the local transformer
     max_tiles: int = 1  # tiles per image (tile size = the encoder's image_size)
     cross_attention_every: int = 4  # a cross-attention layer after every N self-attention layers
-    objective: str = "qa"  # qa (loss on the answer) | caption (loss on the caption)
+    # qa (loss on the answer) | caption (loss on the caption) | mixed (half of each batch each: the
+    # captions' every-object supervision speeds up learning to see, the questions teach answering)
+    objective: str = "qa"
     train_manifest: str | None = None  # jsonl: {"image": path, "question", "answer" | "caption", ...}
     val_manifest: str | None = None
     shards: str | None = None  # webdataset-style tar shards instead of train_manifest
@@ -164,6 +166,12 @@ class PostTrainConfig:
     ppo_clip: float = 0.2
     ppo_epochs: int = 1  # optimizer steps on each rollout batch
     value_coef: float = 0.5
+    value_clip: float = 0.2  # clip of the value update around the rollout's values
+    value_init: str = "reward_model"  # the value head's start: reward_model (Llama 2) | policy
+    gamma: float = 1.0  # GAE discount
+    gae_lambda: float = 0.95
+    whiten_reward: bool = False  # Llama 2: whiten the logit of the RM score before the KL penalty
+    missing_stop_penalty: float = 0.0  # subtracted from the reward of a reply that never ends
     max_new_tokens: int = 32  # rollout length
     temperature: float = 1.0
 

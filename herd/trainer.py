@@ -36,7 +36,9 @@ from herd.parallel.runtime import Runtime
 class LossOutput:
     loss_sum: torch.Tensor  # scalar: sum of per-target losses in the micro-batch
     num_targets: int  # how many targets the sum covers
-    extra: dict[str, float] = field(default_factory=dict)  # summed auxiliary metrics (e.g. correct counts)
+    # summed auxiliary metrics (e.g. correctly ranked pairs); the loop sums them over ranks and a logging
+    # window and logs each divided by the window's targets (correct pairs / pairs = ranking accuracy)
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Task(Protocol):
@@ -145,6 +147,7 @@ def train(cfg: JobConfig, task: Task, show_progress: bool = True) -> TrainResult
 
     history: list[dict[str, Any]] = []
     window_loss, window_targets, window_start = 0.0, 0, time.perf_counter()
+    window_extra: dict[str, float] = {}
     start = time.perf_counter()
     last_loss, val_loss = float("nan"), None
     progress = Progress(
@@ -176,6 +179,8 @@ def train(cfg: JobConfig, task: Task, show_progress: bool = True) -> TrainResult
             last_loss = step_loss
             window_loss += step_loss * step_targets
             window_targets += step_targets
+            for key, value in runtime.last_extra.items():
+                window_extra[key] = window_extra.get(key, 0.0) + value
             progress.update(bar, advance=1, loss=f"{step_loss:.3f}")
             if step % cfg.metrics.log_every == 0 or step == cfg.train.steps:
                 elapsed = time.perf_counter() - window_start
@@ -185,6 +190,7 @@ def train(cfg: JobConfig, task: Task, show_progress: bool = True) -> TrainResult
                     "lr": lr,
                     "targets_per_s": window_targets / max(elapsed, 1e-9),
                 }
+                record.update({k: v / max(window_targets, 1) for k, v in window_extra.items()})
                 if flops_per_target and cfg.metrics.peak_tflops:
                     achieved = flops_per_target * record["targets_per_s"] / runtime.world
                     record["mfu"] = achieved / (cfg.metrics.peak_tflops * 1e12)
@@ -192,6 +198,7 @@ def train(cfg: JobConfig, task: Task, show_progress: bool = True) -> TrainResult
                 logger.log(step, record)
                 history.append({"step": step, **record})
                 window_loss, window_targets, window_start = 0.0, 0, time.perf_counter()
+                window_extra = {}
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                 val = evaluate(runtime, task, cfg)
                 if val is not None:

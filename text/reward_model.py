@@ -43,11 +43,21 @@ class RewardModel(nn.Module):
         document_ids: torch.Tensor | None = None,  # (B, T): several sequences packed in one row
     ) -> torch.Tensor:
         """Rewards (B,) or (B, N), one per `last_index` entry, in fp32."""
-        h = self.trunk.forward_hidden(tokens, document_ids=document_ids)  # (B, T, D)
+        # the norm is per token, so norming all T positions then picking equals picking then norming
+        h = self.trunk.norm(self.trunk.forward_hidden(tokens, document_ids=document_ids))  # (B, T, D)
+        if hasattr(h, "full_tensor"):
+            # tensor parallelism with sequence parallelism: the final norm returns a DTensor sharded
+            # along T; gather it (differentiably) so every rank can pick any position
+            h = h.full_tensor()
+        if h.shape[1] != tokens.shape[1]:
+            raise ValueError(
+                f"the trunk returned {h.shape[1]} positions for {tokens.shape[1]} tokens: its hidden states "
+                "are split along the sequence (context parallelism?), which the reward model cannot score"
+            )
         squeeze = last_index.dim() == 1
         index = last_index[:, None] if squeeze else last_index  # (B, N)
         picked = h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))  # (B, N, D)
-        rewards = self.score(self.trunk.norm(picked)).squeeze(-1).float()  # (B, N)
+        rewards = self.score(picked).squeeze(-1).float()  # (B, N)
         return rewards[:, 0] if squeeze else rewards
 
 

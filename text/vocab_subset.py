@@ -56,7 +56,10 @@ class SubsetTokenizer:
         return out
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.base.decode([self.keep_ids[i] for i in ids])
+        """Ids past the subset (the model's padding rows, which an undertrained model can sample)
+        decode as the unknown token rather than raising."""
+        n = len(self.keep_ids)
+        return self.base.decode([self.keep_ids[i if 0 <= i < n else self.unk_id] for i in ids])
 
     def token_to_id(self, token: str) -> int:
         return self._to_subset[self.base.token_to_id(token)]

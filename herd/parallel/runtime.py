@@ -45,6 +45,7 @@ class Runtime:
         self.is_logging_rank = self.rank == 0
         self._initial_state: dict[str, torch.Tensor] | None = None
         self.pipeline = None
+        self.last_extra: dict[str, float] = {}  # the task's summed `LossOutput.extra` of the last step
 
         model = task.build_model()  # on the meta device
         if self.dims.pp > 1:
@@ -139,6 +140,7 @@ class Runtime:
         grad_divisor = self.dims.dp * self.dims.cp if self.dims.fsdp_enabled else 1
         scale = grad_divisor / global_targets
         local_loss = 0.0
+        local_extra: dict[str, float] = {}
         for i, batch in enumerate(micro):
             set_gradient_sync(self.parts, i == len(micro) - 1)
             with self._autocast():
@@ -149,8 +151,22 @@ class Runtime:
                 out = self.task.loss(self.parts[0], batch)
             (out.loss_sum * scale).backward()
             local_loss += float(out.loss_sum.detach())
+            for key, value in out.extra.items():
+                local_extra[key] = local_extra.get(key, 0.0) + float(value)
         total = self._sum(local_loss, ("dp_cp", "pp"))  # only last pipeline stages hold a loss
+        self.last_extra = self._sum_dict(local_extra, ("dp_cp",))
         return total / global_targets, global_targets
+
+    def _sum_dict(self, values: dict[str, float], group_names: tuple[str, ...]) -> dict[str, float]:
+        """Sum a task's auxiliary metrics over ranks (every rank reports the same keys)."""
+        if self.mesh is None or not values:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        for name in group_names:
+            if self.mesh[name].size() > 1:
+                dist.all_reduce(t, group=self.mesh[name].get_group())
+        return dict(zip(keys, t.tolist()))
 
     @torch.no_grad()
     def eval_sums(self, batch: dict[str, Any]) -> tuple[float, int]:

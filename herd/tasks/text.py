@@ -29,6 +29,9 @@ from herd.text.model import Llama
 from herd.text.vocab_subset import SubsetTokenizer
 from herd.trainer import LossOutput
 
+# the words the Llama 3 chat format adds around messages (roles and the header separator)
+CHAT_TEMPLATE_TEXTS = ("system", "user", "assistant", "ipython", "\n\n")
+
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy in fp32 over targets != -100; logits (B, T, V), labels (B, T)."""
@@ -63,7 +66,8 @@ class TextPretrainTask:
             tokenizer = load_tokenizer(cfg.model.init_from)
         model_overrides = dict(cfg.model.args)
         if cfg.model.vocab_subset:
-            tokenizer = SubsetTokenizer.from_texts(tokenizer, docs)
+            # the chat template's role names and separator too, so the model can be chat-tuned later
+            tokenizer = SubsetTokenizer.from_texts(tokenizer, [*docs, *CHAT_TEMPLATE_TEXTS])
             # pad to a multiple of 64: even shards under TP × FSDP, and tensor-core-friendly shapes
             model_overrides["vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
         self.tokenizer = tokenizer

@@ -59,8 +59,8 @@ class VisionTask:
         v = cfg.vision
         if not v.llm:
             raise ValueError("vision.llm: the frozen LLM checkpoint to build on is required")
-        if v.objective not in ("qa", "caption"):
-            raise ValueError(f"vision.objective must be qa or caption, got {v.objective!r}")
+        if v.objective not in ("qa", "caption", "mixed"):
+            raise ValueError(f"vision.objective must be qa, caption or mixed, got {v.objective!r}")
         if cfg.parallel.pp > 1:
             raise ValueError("pipeline parallelism is not implemented for the vision task yet; use FSDP/TP")
         self.cfg = cfg
@@ -105,8 +105,12 @@ class VisionTask:
         model.freeze_llm()
 
     # --- data -----------------------------------------------------------------------------------------
-    def target_text(self, sample: dict[str, Any]) -> tuple[str, str]:
-        if self.cfg.vision.objective == "caption":
+    def target_text(self, sample: dict[str, Any], row: int = 0) -> tuple[str, str]:
+        """(prompt, target) of a sample; with the "mixed" objective even rows of a batch are captions."""
+        objective = self.cfg.vision.objective
+        if objective == "mixed":
+            objective = "caption" if row % 2 == 0 else "qa"
+        if objective == "caption":
             return "", sample.get("caption") or sample["text"]
         return qa_prompt(sample["question"]), f" {sample['answer']}"
 
@@ -115,8 +119,8 @@ class VisionTask:
 
     def encode(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         rows, label_rows = [], []
-        for s in samples:
-            prompt, target = self.target_text(s)
+        for row, s in enumerate(samples):
+            prompt, target = self.target_text(s, row)
             head = self.prompt_tokens(prompt)
             tail = [*self.tokenizer.encode(target), self.eot_id]
             seq = head + tail

@@ -116,3 +116,27 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     task.loss = poisoned
     with pytest.raises(NonFiniteLossError, match="at step 3"):
         train(cfg, task, show_progress=False)
+
+
+class TopOneAccuracyTask(TextPretrainTask):
+    """Reports the count of targets the model's argmax predicts as an auxiliary metric."""
+
+    def loss(self, model, batch):
+        logits = model(batch["tokens"], document_ids=batch["document_ids"])
+        out = super().loss(model, batch)
+        keep = batch["labels"] != -100
+        correct = (logits.argmax(-1) == batch["labels"])[keep].sum()
+        self.seen.append((float(correct), int(keep.sum())))
+        return LossOutput(out.loss_sum, out.num_targets, {"correct": float(correct)})
+
+
+def test_task_extras_are_summed_over_the_window_and_logged_per_target(tmp_path):
+    cfg = config(tmp_path, "--data.batch_size=4", "--train.steps=4", "--metrics.log_every=2")
+    task = TopOneAccuracyTask(cfg)
+    task.seen = []
+    result = train(cfg, task, show_progress=False)
+    logged = [h["correct"] for h in result.history if "split" not in h]
+    expected = [
+        sum(c for c, _ in task.seen[i : i + 2]) / sum(n for _, n in task.seen[i : i + 2]) for i in (0, 2)
+    ]
+    assert logged == pytest.approx(expected, abs=1e-12) and len(logged) == 2

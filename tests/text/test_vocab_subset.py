@@ -25,6 +25,9 @@ def test_subset_round_trips_and_keeps_specials(base, tmp_path):
     assert sub.decode([sub.bos_id]) == "<|begin_of_text|>" and sub.stop_ids == {
         sub.token_to_id(t) for t in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
     }
+    # a padding row of the model (past the subset) decodes as unk instead of raising
+    unk = "<|reserved_special_token_0|>"
+    assert sub.decode([sub.vocab_size, sub.vocab_size + 5]) == unk * 2
     # text outside the subset becomes unk, and is counted
     assert sub.encode("Zebra") and sub.unknown_count > 0
     sub.save(tmp_path)

@@ -1,0 +1,477 @@
+"""Rejection sampling (Llama 2 §3.2.3, Llama 3 §4.2.2): K responses per prompt, the reward model keeps the best.
+
+    herd sample --policy runs/sft/model --reward-model runs/rm/model --prompts prompts.jsonl \\
+        --out best.jsonl --k 10 --max-new-tokens 256
+
+The K samples of one prompt share its prefix, so the prompt is prefilled ONCE and its KV cache copied
+to K rows (`KVCache.expand_rows`) before the K rows decode together; the naive way
+(`sample_recompute`) prefills every copy. Both follow `herd.text.generation.generate`'s scheme exactly
+(prompts left-aligned, decoding from the shortest prompt, rows still inside their prompt take the prompt
+token, one `sample_next` over all rows per step), so with the same seed they draw the same random numbers
+in the same order and produce the same tokens as `generate` on the K-fold repeated prompts.
+
+The output jsonl is what `herd train sft` reads: one `{"messages": [...prompt..., best reply]}` per prompt,
+with the reward of the kept reply and all K rewards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from herd.data.packed_text import SkippedRecords
+from herd.text.chat_format import ChatFormat, Message
+from herd.text.generation import Completion, SamplingParams, sample_next
+
+# Scores a batch of full dialogs (prompt messages + one assistant reply each): one float per dialog.
+RewardFn = Callable[[Sequence[list[Message]]], Sequence[float]]
+
+
+# --- K samples per prompt --------------------------------------------------------------------------------
+def _prefill_last_logits(model: nn.Module, tokens: torch.Tensor, cache: Any) -> torch.Tensor:
+    """Fill `cache` with tokens (B, T) and return the logits of the last position only (B, V): the head
+    over all T positions would cost T·V per row (1 GB of fp32 logits for 2048 tokens of Llama 3)."""
+    h = model.forward_hidden(tokens, kv_cache=cache, start_pos=0)  # (B, T, D)
+    return model.head(h[:, -1:])[:, 0]  # (B, V)
+
+
+@torch.inference_mode()
+def _sample_group(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    k: int,
+    params: SamplingParams,
+    stop_ids: Sequence[int] | frozenset[int],
+    pad_id: int,
+    generator: torch.Generator | None,
+    share_prefix: bool,
+    vocab_limit: int | None,
+    step_logits: list[torch.Tensor] | None,
+) -> list[Completion]:
+    """K completions of each prompt, rows ordered prompt-major (row g·K + r is sample r of prompt g)."""
+    G, B = len(prompts), len(prompts) * k
+    min_len = min(len(p) for p in prompts)
+    max_len = max(len(p) for p in prompts)
+    total_len = max_len + params.max_new_tokens
+    if total_len > model.args.max_seq_len:
+        raise ValueError(
+            f"prompt ({max_len}) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
+            f"max_seq_len {model.args.max_seq_len}"
+        )
+    device = next(model.parameters()).device
+    rows = [p for p in prompts for _ in range(k)]
+    tokens = torch.full((B, total_len), pad_id, dtype=torch.long, device=device)  # (B, total)
+    in_prompt = torch.zeros((B, total_len), dtype=torch.bool, device=device)
+    for b, p in enumerate(rows):
+        tokens[b, : len(p)] = torch.tensor(list(p), dtype=torch.long, device=device)
+        in_prompt[b, : len(p)] = True
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    limit = torch.tensor([len(p) + params.max_new_tokens for p in rows], device=device)  # (B,)
+
+    if share_prefix:
+        # prefill the G distinct prompts up to the shortest one's length, then copy each row's cache K times
+        prefill = tokens[::k, :min_len]  # (G, min_len)
+        cache = model.new_kv_cache(G, total_len)
+        last = _prefill_last_logits(model, prefill, cache)  # (G, V)
+        cache = cache.expand_rows(k, min_len)  # (L, G·K, total, K_heads, hd)
+        last = last.repeat_interleave(k, dim=0)  # (B, V)
+    else:  # the naive baseline: every copy of a prompt is prefilled on its own row
+        cache = model.new_kv_cache(B, total_len)
+        last = _prefill_last_logits(model, tokens[:, :min_len], cache)  # (B, V)
+
+    for cur in range(min_len, total_len):
+        if cur > min_len:
+            last = model(tokens[:, cur - 1 : cur], kv_cache=cache, start_pos=cur - 1)[:, -1]  # (B, V)
+        if step_logits is not None:
+            step_logits.append(last.float().clone())
+        if vocab_limit is not None:
+            last = last[:, :vocab_limit]  # padded vocabulary rows are not tokens
+        nxt = sample_next(last, params.temperature, params.top_p, generator)  # (B,)
+        nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens[:, cur] = nxt
+        done |= ~in_prompt[:, cur] & torch.isin(nxt, stops)
+        done |= (cur + 1) >= limit
+        if bool(done.all()):
+            break
+
+    out = []
+    for b, p in enumerate(rows):
+        row = tokens[b, len(p) : int(limit[b])].tolist()
+        stop_token = None
+        for i, t in enumerate(row):
+            if t in stop_ids:
+                row, stop_token = row[:i], t
+                break
+        out.append(Completion(row, stop_token))
+    return out
+
+
+def _groups(prompts: Sequence[Sequence[int]], batch_prompts: int) -> list[list[int]]:
+    """Prompt indices in batches of similar length (sorted by length), each batch in input order."""
+    if batch_prompts < 1:
+        raise ValueError(f"batch_prompts must be >= 1, got {batch_prompts}")
+    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [sorted(by_length[i : i + batch_prompts]) for i in range(0, len(by_length), batch_prompts)]
+
+
+def _sample_k(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    k: int,
+    params: SamplingParams,
+    stop_ids: Sequence[int] | frozenset[int],
+    pad_id: int,
+    batch_prompts: int,
+    share_prefix: bool,
+    vocab_limit: int | None = None,
+    step_logits: list[torch.Tensor] | None = None,
+) -> Iterator[tuple[list[int], list[list[Completion]]]]:
+    """Yields (prompt indices, K completions of each) batch by batch; one RNG stream for the whole call."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(params.seed)
+    was_training = model.training
+    model.eval()
+    try:
+        for group in _groups(prompts, batch_prompts):
+            flat = _sample_group(
+                model, [prompts[i] for i in group], k, params, stop_ids, pad_id, generator,
+                share_prefix, vocab_limit, step_logits,
+            )  # fmt: skip
+            yield group, [flat[g * k : (g + 1) * k] for g in range(len(group))]
+    finally:
+        model.train(was_training)
+
+
+def sample_shared_prefix(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    k: int,
+    params: SamplingParams,
+    stop_ids: Sequence[int] | frozenset[int] = (),
+    pad_id: int = 0,
+    batch_prompts: int = 1,
+    vocab_limit: int | None = None,
+    step_logits: list[torch.Tensor] | None = None,
+) -> list[list[Completion]]:
+    """K completions of each prompt, the prompt prefilled once and its KV cache copied to K rows.
+
+    `batch_prompts` prompts (of similar length) decode together, i.e. batch_prompts·K rows. Within a
+    batch the rows and random draws are those of `generate(model, [p0]*K + [p1]*K + ..., params)`.
+    `vocab_limit` restricts sampling to ids below it (a trimmed tokenizer under a padded vocabulary);
+    `step_logits`, if given, receives the (rows, V) logits of every decoding step (for tests).
+    """
+    out: list[list[Completion]] = [[] for _ in prompts]
+    for group, completions in _sample_k(
+        model, prompts, k, params, stop_ids, pad_id, batch_prompts, True, vocab_limit, step_logits
+    ):
+        for i, c in zip(group, completions):
+            out[i] = c
+    return out
+
+
+def sample_recompute(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    k: int,
+    params: SamplingParams,
+    stop_ids: Sequence[int] | frozenset[int] = (),
+    pad_id: int = 0,
+    batch_prompts: int = 1,
+    vocab_limit: int | None = None,
+) -> list[list[Completion]]:
+    """The naive baseline of `sample_shared_prefix`: each of the K copies of a prompt is prefilled."""
+    out: list[list[Completion]] = [[] for _ in prompts]
+    for group, completions in _sample_k(
+        model, prompts, k, params, stop_ids, pad_id, batch_prompts, False, vocab_limit
+    ):
+        for i, c in zip(group, completions):
+            out[i] = c
+    return out
+
+
+# --- scoring and selection -------------------------------------------------------------------------------
+class RewardModelScorer:
+    """A `RewardFn` over a `herd.text.reward_model.RewardModel`: the reward of a dialog is the model's score
+    of its last token, the `<|eot_id|>` closing the assistant reply (as the reward model was trained).
+
+    Dialogs are right-padded into batches: attention is causal, so padding after the scored token cannot
+    change its score. A dialog longer than the model's context keeps its last max_seq_len tokens (counted
+    in `truncated`); the scored token is always kept.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, batch_size: int = 16) -> None:
+        self.model, self.format, self.batch_size = model, ChatFormat(tokenizer), batch_size
+        self.pad_id = max(getattr(tokenizer, "pad_id", 0), 0)
+        self.truncated = 0
+
+    @torch.inference_mode()
+    def __call__(self, dialogs: Sequence[list[Message]]) -> list[float]:
+        device = next(self.model.parameters()).device
+        max_len = self.model.args.max_seq_len
+        encoded = []
+        for dialog in dialogs:
+            ids = self.format.encode_dialog_prompt(dialog, add_generation_prompt=False)
+            if len(ids) > max_len:
+                self.truncated += 1
+                ids = ids[-max_len:]
+            encoded.append(ids)
+        was_training = self.model.training
+        self.model.eval()
+        rewards: list[float] = []
+        for start in range(0, len(encoded), self.batch_size):
+            chunk = encoded[start : start + self.batch_size]
+            width = max(len(ids) for ids in chunk)
+            tokens = torch.full((len(chunk), width), self.pad_id, dtype=torch.long, device=device)  # (B, T)
+            for b, ids in enumerate(chunk):
+                tokens[b, : len(ids)] = torch.tensor(ids, dtype=torch.long, device=device)
+            last = torch.tensor([len(ids) - 1 for ids in chunk], device=device)  # (B,)
+            rewards.extend(self.model(tokens, last).tolist())
+        self.model.train(was_training)
+        return rewards
+
+
+@dataclass
+class RejectionRecord:
+    prompt: list[Message]
+    responses: list[Message]  # the K decoded replies
+    rewards: list[float]  # one per reply
+    best_index: int  # the first reply with the highest reward
+
+    @property
+    def best(self) -> Message:
+        return self.responses[self.best_index]
+
+    def to_json(self) -> dict[str, Any]:
+        """The SFT-ready record: prompt + best reply as `messages`, its reward and all K rewards.
+
+        Assistant turns of a multi-turn prompt are context (`"train": false`): SFT learns the kept reply.
+        """
+        prompt = [message_to_dict(m, train=False if m.role == "assistant" else None) for m in self.prompt]
+        return {
+            "messages": [*prompt, message_to_dict(self.best)],
+            "reward": self.rewards[self.best_index],
+            "rewards": self.rewards,
+            "k": len(self.responses),
+            "best_index": self.best_index,
+        }
+
+
+def message_to_dict(message: Message, train: bool | None = None) -> dict[str, Any]:
+    """A message as the SFT reader (`herd.data.dialogs`) takes it."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = message.tool_calls
+    if message.stop_reason == "end_of_message":  # a tool call that continues the turn: keep <|eom_id|>
+        out["stop_reason"] = message.stop_reason
+    if train is not None:
+        out["train"] = train
+    return out
+
+
+def iter_rejection_samples(
+    policy: nn.Module,
+    tokenizer: Any,
+    reward_fn: RewardFn,
+    dialogs: Sequence[list[Message]],
+    k: int,
+    params: SamplingParams,
+    batch_prompts: int = 1,
+) -> Iterator[tuple[int, RejectionRecord]]:
+    """(dialog index, record) as each batch of prompts is sampled and scored; see `rejection_sample`."""
+    chat = ChatFormat(tokenizer)
+    prompts = [chat.encode_dialog_prompt(d, add_generation_prompt=True) for d in dialogs]
+    pad = max(getattr(tokenizer, "pad_id", 0), 0)
+    vocab = tokenizer.vocab_size if tokenizer.vocab_size < policy.args.vocab_size else None
+    batches = _sample_k(policy, prompts, k, params, tokenizer.stop_ids, pad, batch_prompts, True, vocab)
+    for group, completions in batches:
+        replies = [
+            [
+                chat.decode_assistant_message(c.tokens + ([c.stop_token] if c.stop_token is not None else []))
+                for c in samples
+            ]
+            for samples in completions
+        ]
+        scored = [list(dialogs[i]) + [reply] for i, rs in zip(group, replies) for reply in rs]
+        rewards = [float(r) for r in reward_fn(scored)]
+        if len(rewards) != len(scored):
+            raise ValueError(f"reward_fn returned {len(rewards)} rewards for {len(scored)} dialogs")
+        for g, i in enumerate(group):
+            mine = rewards[g * k : (g + 1) * k]
+            best = max(range(k), key=lambda j: (mine[j], -j))  # the first of equal maxima
+            yield i, RejectionRecord(list(dialogs[i]), replies[g], mine, best)
+
+
+def rejection_sample(
+    policy: nn.Module,
+    tokenizer: Any,
+    reward_fn: RewardFn,
+    dialogs: Sequence[list[Message]],
+    k: int,
+    params: SamplingParams,
+    batch_prompts: int = 1,
+) -> list[RejectionRecord]:
+    """For each dialog (messages ending with a user turn) draw K replies from `policy` with a shared-prefix
+    KV cache, score every (dialog + reply) with `reward_fn` and keep the best; records in input order."""
+    out: list[RejectionRecord | None] = [None] * len(dialogs)
+    for i, record in iter_rejection_samples(policy, tokenizer, reward_fn, dialogs, k, params, batch_prompts):
+        out[i] = record
+    return out  # type: ignore[return-value]
+
+
+# --- prompts file ----------------------------------------------------------------------------------------
+def parse_prompt_record(record: Any) -> list[Message]:
+    """`{"messages": [...]}` ending with a user (or tool-output) turn, or `{"prompt": "..."}`."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        raw = record["messages"]
+        if not isinstance(raw, list) or not raw:
+            raise ValueError('"messages" must be a non-empty list')
+        keys = ("role", "content", "tool_calls", "stop_reason", "train")  # SFT files' "train" is ignored
+        if not all(isinstance(m, dict) and set(m) <= set(keys) for m in raw):
+            raise ValueError(f"each message must be an object with keys among {keys}")
+        messages = [Message(**{k: v for k, v in m.items() if k != "train"}) for m in raw]
+        if messages[-1].role not in ("user", "ipython"):
+            raise ValueError(f"the last message must be a user turn, not {messages[-1].role!r}")
+        return messages
+    if isinstance(record.get("prompt"), str) and record["prompt"]:
+        return [Message("user", record["prompt"])]
+    raise ValueError('expected "messages" (a list) or "prompt" (a non-empty string)')
+
+
+def read_prompts(path: str | Path, skipped: SkippedRecords) -> list[tuple[str, list[Message]]]:
+    """(file:line, dialog) of every usable record; bad ones are counted in `skipped` with their file:line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                out.append((where, parse_prompt_record(json.loads(line))))
+            except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+                skipped.add(f"{where}: {e}")
+    return out
+
+
+# --- CLI -------------------------------------------------------------------------------------------------
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `sample` on an `argparse` subparsers object; returns the new parser."""
+    p = subparsers.add_parser(
+        "sample",
+        help="rejection sampling: K replies per prompt, keep the reward model's best (SFT data)",
+        description="Draw K replies per prompt from a policy (shared-prefix KV cache), score them with "
+        "a reward model and write the best as SFT-ready jsonl (Llama 3 §4.2.2).",
+    )
+    p.add_argument("--policy", required=True, help="policy checkpoint directory (Meta or HF layout)")
+    p.add_argument("--reward-model", required=True, help="reward model directory (`herd train rm` export)")
+    p.add_argument("--prompts", required=True, help='jsonl of {"messages": [...]} or {"prompt": "..."}')
+    p.add_argument("--out", required=True, help="output jsonl (overwritten)")
+    p.add_argument("--k", type=int, default=10, help="replies per prompt (default 10)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="default 1.0: the K replies come from the policy's own distribution, diverse enough for "
+        "the best of K to beat the typical one; 0 makes all K identical",
+    )
+    p.add_argument("--top-p", type=float, default=1.0, help="default 1.0 (the reward model filters the tail)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0: reproducible runs)")
+    p.add_argument("--batch-prompts", type=int, default=1, help="prompts decoded together (N·K rows)")
+    p.add_argument("--rm-batch-size", type=int, default=16, help="dialogs per reward-model forward")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="policy dtype")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """`herd sample`: read prompts, sample, score, write the jsonl and print a summary."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from herd.tasks.reward import load_reward_model
+    from herd.text.loading import load_pretrained
+
+    if args.k < 1 or args.batch_prompts < 1 or args.max_new_tokens < 1:
+        raise SystemExit("herd sample: --k, --batch-prompts and --max-new-tokens must be >= 1")
+    if not Path(args.prompts).is_file():
+        raise SystemExit(f"herd sample: prompts file not found: {args.prompts}")
+    console = Console(stderr=True)
+    policy, tokenizer = load_pretrained(args.policy, device=args.device, dtype=args.dtype)
+    reward_model, rm_tokenizer = load_reward_model(args.reward_model, args.device)
+    scorer = RewardModelScorer(reward_model, rm_tokenizer, args.rm_batch_size)
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+
+    skipped = SkippedRecords()
+    chat = ChatFormat(tokenizer)
+    dialogs = []
+    for where, dialog in read_prompts(args.prompts, skipped):
+        n = len(chat.encode_dialog_prompt(dialog))
+        if n + params.max_new_tokens > policy.args.max_seq_len:
+            skipped.add(
+                f"{where}: prompt of {n} tokens + {params.max_new_tokens} new > {policy.args.max_seq_len}"
+            )
+            continue
+        dialogs.append(dialog)
+
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    start, best, mean = time.perf_counter(), [], []
+    columns = (TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with out_path.open("w", encoding="utf-8") as f, Progress(*columns, console=console) as bar:
+        task = bar.add_task("prompts", total=len(dialogs))
+        records = iter_rejection_samples(
+            policy, tokenizer, scorer, dialogs, args.k, params, args.batch_prompts
+        )
+        for _, record in records:
+            f.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+            f.flush()  # an interrupted run keeps what it finished
+            best.append(record.rewards[record.best_index])
+            mean.append(sum(record.rewards) / len(record.rewards))
+            bar.advance(task)
+    seconds = time.perf_counter() - start
+    if skipped.count:
+        console.print(f"[yellow]skipped {skipped.count} bad prompt record(s), e.g. {skipped.examples[0]}")
+    if scorer.truncated:
+        console.print(f"[yellow]{scorer.truncated} dialog(s) longer than the reward model's context were cut")
+    summary = {
+        "prompts": len(dialogs),
+        "skipped": skipped.count,
+        "k": args.k,
+        "out": str(out_path),
+        # best-of-K minus the average reply: what the selection gains
+        "mean_best_reward": sum(best) / len(best) if best else None,
+        "mean_reward": sum(mean) / len(mean) if mean else None,
+        "seconds": round(seconds, 2),
+    }
+    Console().print_json(json.dumps(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m herd.sample ...`); `herd sample` is the usual one."""
+    parser = argparse.ArgumentParser(prog="herd")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    ns = parser.parse_args(argv)
+    return ns.func(ns)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

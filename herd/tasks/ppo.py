@@ -1,0 +1,458 @@
+"""RLHF with PPO (`herd train ppo`): Llama 2-Chat's reinforcement learning stage (Llama 2 §3.2.3; Ouyang et
+al. 2022), as a task of the one training loop.
+
+The objective (Llama 2 eq. 2–4): maximise E_{p∼D, g∼π_θ}[R(g | p)] with
+
+    R(g | p) = R_c(g | p) − β · D_KL(π_θ(g | p) ‖ π_0(g | p))
+
+R_c the reward model's score of the response, π_0 the frozen reference (initial) policy, β =
+`post.kl_coef`. Implemented the standard way (InstructGPT, TRL): the KL is estimated per generated token
+as log π_θ − log π_0 and paid as a per-token reward −β·(log π_θ − log π_0); the score is added at the last
+generated token. Optionally (`post.whiten_reward`) the score is whitened over the batch first, Llama 2's
+WHITEN(LOGIT(R_c)) (the herd reward model's output already is the logit). Advantages come from GAE
+(γ = `post.gamma` 1.0, λ = `post.gae_lambda` 0.95) against a per-token value head, are whitened over the
+global batch, and feed PPO's clipped surrogate (ε = `post.ppo_clip`) plus a clipped value loss weighted
+by `post.value_coef`.
+
+How it fits the loop (`herd.trainer.train`): `train_batches` yields prompt batches, each rollout
+`post.ppo_epochs` times (see `herd.tasks.ppo_rollout`); `loss` samples the responses at epoch 0 (no
+grad), scores them with the frozen reference and reward model, caches the rollout on the task and
+returns the PPO loss on it for every epoch, so epochs ≥ 1 are the clipped-ratio updates of real PPO.
+At epoch 0 the "old" log-probabilities and values are the training forward's own, detached: the ratio
+is exactly 1 there. One `PPOModel` holds the trainable policy and value model and the frozen reference
+and reward model, so FSDP shards all four like any model; every sub-model runs through
+`PPOModel.forward`, FSDP's root. Data parallelism only (dp_replicate / dp_shard): the statistics of a
+rollout (whitening, token counts) are all-reduced over every rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from torch import nn
+
+from herd.config import JobConfig, grad_accum_at
+from herd.data.packed_text import SkippedRecords
+from herd.tasks.ppo_rollout import (
+    PromptBatches,
+    Responses,
+    all_reduce_,
+    read_prompts,
+    row_uniforms,
+    sample_responses,
+)
+from herd.tasks.text import export_text_model
+from herd.text.args import ModelArgs
+from herd.text.chat_format import ChatFormat
+from herd.text.kv_cache import KVCache
+from herd.text.model import Llama
+from herd.text.reward_model import RewardModel
+from herd.trainer import LossOutput
+
+
+# --- the objective: pure functions on (B, N) response tensors -------------------------------------------
+def kl_penalized_rewards(
+    scores: torch.Tensor,  # (B,) reward-model score of each response
+    logprobs: torch.Tensor,  # (B, N) log π_θ of the generated tokens
+    ref_logprobs: torch.Tensor,  # (B, N) log π_0 of the same tokens
+    mask: torch.Tensor,  # (B, N) bool, a prefix per row: the response up to its stop token
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards −β·(log π_θ − log π_0), plus the score at each row's last token; and the KL
+    estimate (log π_θ − log π_0) itself. Both (B, N), zero where masked."""
+    m = mask.to(logprobs.dtype)
+    kl = (logprobs - ref_logprobs) * m
+    rewards = -kl_coef * kl
+    last = mask.sum(dim=1) - 1  # (B,)
+    rewards = rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
+    return rewards, kl
+
+
+def gae_advantages(
+    rewards: torch.Tensor,  # (B, N)
+    values: torch.Tensor,  # (B, N) V(s_t): the value of the state before token t
+    mask: torch.Tensor,  # (B, N) bool prefix
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation: A_t = Σ_l (γλ)^l δ_{t+l}, δ_t = r_t + γ·V_{t+1} − V_t, with V = 0
+    after the last unmasked token (the episode ends there); returns (advantages, returns = A + V)."""
+    m = mask.to(values.dtype)
+    r, v = rewards * m, values * m
+    advantages = torch.zeros_like(v)
+    running = torch.zeros_like(v[:, 0])
+    for t in reversed(range(v.shape[1])):
+        next_value = v[:, t + 1] if t + 1 < v.shape[1] else torch.zeros_like(running)
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * m
+    return advantages, (advantages + v) * m
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,  # (B, N) log π_θ now (with grad)
+    old_logprobs: torch.Tensor,  # (B, N) log π_θ_old at sampling time
+    advantages: torch.Tensor,  # (B, N)
+    mask: torch.Tensor,  # (B, N) bool
+    clip: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate, summed over unmasked tokens: Σ max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), ρ = π_θ/π_θ_old.
+
+    Returns (loss_sum, number of tokens where the clipped branch is taken, Σ of the k3 KL estimate
+    (ρ − 1) − log ρ of π_θ_old ‖ π_θ)."""
+    m = mask.to(logprobs.dtype)
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    loss_sum = (torch.maximum(unclipped, clipped) * m).sum()
+    clip_count = ((clipped > unclipped) & mask).sum()
+    approx_kl = (((ratio - 1.0) - log_ratio) * m).sum()
+    return loss_sum, clip_count.detach(), approx_kl.detach()
+
+
+def ppo_value_loss(
+    values: torch.Tensor,  # (B, N) with grad
+    old_values: torch.Tensor,  # (B, N) at sampling time
+    returns: torch.Tensor,  # (B, N) GAE returns
+    mask: torch.Tensor,  # (B, N) bool
+    clip: float,
+) -> torch.Tensor:
+    """Clipped value loss summed over unmasked tokens:
+    Σ ½·max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²)."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    per_token = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return (per_token * mask.to(values.dtype)).sum()
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x − mean) / std over the unmasked entries of *every rank* (population variance); zero where masked."""
+    m = mask.to(torch.float64)
+    x64 = x.double()
+    moments = all_reduce_(torch.stack([(x64 * m).sum(), (x64 * x64 * m).sum(), m.sum()]))
+    mean = moments[0] / moments[2]
+    var = (moments[1] / moments[2] - mean * mean).clamp_min(0)
+    return ((x64 - mean) / (var + eps).sqrt() * m).to(x.dtype)
+
+
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, vocab_limit: int
+) -> torch.Tensor:
+    """log softmax(logits[..., :vocab_limit] / T) at `targets`: logits (B, N, V), targets (B, N) → (B, N)
+    in fp32.
+    The same distribution `sample_from_uniforms` draws from."""
+    logp = torch.log_softmax(logits[..., :vocab_limit].float() / temperature, dim=-1)
+    return logp.gather(-1, targets[..., None])[..., 0]
+
+
+# --- the model --------------------------------------------------------------------------------------------
+def _pick(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """h (B, T, D) at positions (B, N) → (B, N, D)."""
+    return h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))
+
+
+class _ActivationDtypeCache(KVCache):
+    """A KV cache that takes the dtype of the first keys written (bf16 under FSDP mixed precision or
+    autocast, fp32 otherwise), so the task need not guess the compute dtype of the layout."""
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        if self.k.dtype != k.dtype:
+            self.k, self.v = self.k.to(k.dtype), self.v.to(v.dtype)
+        return super().update(layer, start_pos, k, v)
+
+
+class PPOModel(nn.Module):
+    """Policy (trained), value model (trained), reference policy and reward model (frozen)."""
+
+    def __init__(self, policy: ModelArgs, value: ModelArgs, reference: ModelArgs, reward: ModelArgs) -> None:
+        super().__init__()
+        self.policy = Llama(policy)
+        self.value = RewardModel(value)  # its score head read at every token: V(prefix)
+        self.reference = Llama(reference)
+        self.reward = RewardModel(reward)
+        self.freeze()
+
+    def freeze(self) -> None:
+        for p in itertools.chain(self.reference.parameters(), self.reward.parameters()):
+            p.requires_grad_(False)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, T)
+        mode: str,
+        positions: torch.Tensor | None = None,  # (B, N) positions whose next-token logits/values to return
+        last_index: torch.Tensor | None = None,  # (B,) the token the reward model scores
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> Any:
+        """One entry point for every sub-model, so FSDP's root gathers its parameters on each use.
+
+        generate: policy logits (B, T, V) with a KV cache. score: reference logits at `positions`
+        (B, N, V) and reward-model scores (B,). train: policy logits (B, N, V) and values (B, N)."""
+        if mode == "generate":
+            return self.policy(tokens, kv_cache=kv_cache, start_pos=start_pos)
+        if mode == "score":
+            ref_logits = self.reference.head(_pick(self.reference.forward_hidden(tokens), positions))
+            return ref_logits, self.reward(tokens, last_index)
+        if mode == "train":
+            logits = self.policy.head(_pick(self.policy.forward_hidden(tokens), positions))  # (B, N, V)
+            h = _pick(self.value.trunk.forward_hidden(tokens), positions)  # (B, N, D)
+            values = self.value.score(self.value.trunk.norm(h)).squeeze(-1).float()  # (B, N)
+            return logits, values
+        raise ValueError(f"PPOModel mode must be generate, score or train, got {mode!r}")
+
+
+@dataclass
+class Rollout:
+    responses: Responses
+    response_tokens: torch.Tensor  # (b, N)
+    ref_logprobs: torch.Tensor  # (b, N)
+    scores: torch.Tensor  # (b,)
+    # set by the first training forward (epoch 0)
+    old_logprobs: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    scale: float = 1.0  # global token slots / global generated tokens: makes the loop's mean per token
+    global_tokens: float = 1.0  # generated (unmasked) tokens of the rollout over all ranks
+    stats: dict[str, float] | None = None
+
+
+# --- the task ---------------------------------------------------------------------------------------------
+def check_ppo_config(cfg: JobConfig) -> None:
+    """Clear errors for what PPO needs and cannot do, before anything is loaded."""
+    post, par = cfg.post, cfg.parallel
+    needed = {"model.init_from": cfg.model.init_from, "post.reward_model": post.reward_model,
+              "post.train_data": post.train_data}  # fmt: skip
+    missing = [f"--{key}=..." for key, value in needed.items() if not value]
+    if missing:
+        raise ValueError(f"herd train ppo needs {' '.join(missing)} (SFT policy, reward model, prompt jsonl)")
+    if par.tp > 1 or par.cp > 1 or par.pp > 1:
+        raise ValueError(
+            "herd train ppo runs data-parallel only (dp_replicate / dp_shard): token-by-token generation "
+            "cannot be split along the sequence (tp's sequence parallelism, cp) or across pipeline stages"
+        )
+    if post.ppo_epochs < 1 or post.max_new_tokens < 1 or post.temperature <= 0 or post.ppo_clip <= 0:
+        raise ValueError(
+            "post.ppo_epochs and post.max_new_tokens must be ≥ 1, post.temperature and post.ppo_clip > 0 "
+            f"(got {post.ppo_epochs}, {post.max_new_tokens}, {post.temperature}, {post.ppo_clip})"
+        )
+    # a PPO round (one rollout per micro-batch, ppo_epochs steps) needs the same micro-batch count throughout
+    inside = [s for s, _ in cfg.train.grad_accum_ramp if (s - 1) % post.ppo_epochs]
+    if inside:
+        raise ValueError(
+            f"train.grad_accum_ramp steps {inside} fall inside a PPO round: with "
+            f"ppo_epochs={post.ppo_epochs} a ramp step must be 1 more than a multiple of {post.ppo_epochs}"
+        )
+
+
+class PPOTask:
+    """Config: model.init_from (the SFT policy), post.reward_model (a `herd train rm` export),
+    post.train_data (prompts), post.reference (default init_from), post.kl_coef, ppo_clip, ppo_epochs,
+    value_coef, max_new_tokens, temperature; optional (read with getattr) post.gamma, gae_lambda,
+    value_clip, whiten_reward, missing_stop_penalty, value_init ("reward_model" | "policy");
+    data.batch_size (prompts per rollout, all ranks), data.seed (prompt order), train.seed (sampling)."""
+
+    def __init__(self, cfg: JobConfig, tokenizer: Any | None = None) -> None:
+        from herd.tasks.reward import load_reward_model
+        from herd.text.loading import load_checkpoint
+        from herd.text.tokenizer import load_tokenizer
+
+        check_ppo_config(cfg)
+        post = cfg.post
+        self.cfg = cfg
+        self.value_init = post.value_init
+        if self.value_init not in ("reward_model", "policy"):
+            raise ValueError(f"post.value_init must be reward_model or policy, got {self.value_init!r}")
+        self.policy_args = self.model_args = load_checkpoint(cfg.model.init_from)[0]
+        self.reference_path = post.reference or cfg.model.init_from
+        self.reference_args = load_checkpoint(self.reference_path)[0]
+        reward_model, reward_tokenizer = load_reward_model(post.reward_model, "cpu")
+        self.reward_args = reward_model.args
+        self._reward_state = {k: v.detach() for k, v in reward_model.state_dict().items()}
+        self.value_args = self.reward_args if self.value_init == "reward_model" else self.policy_args
+        if tokenizer is None:
+            tokenizer = load_tokenizer(cfg.model.init_from, vocab_size=self.policy_args.vocab_size)
+        self.tokenizer, self.format = tokenizer, ChatFormat(tokenizer)
+        self._check_vocabularies(reward_tokenizer)
+        self.vocab_limit = tokenizer.vocab_size  # the models' padding rows are never sampled
+        self.pad_id = tokenizer.pad_id if getattr(tokenizer, "pad_id", -1) >= 0 else tokenizer.eos_id
+        all_args = (self.policy_args, self.reference_args, self.reward_args, self.value_args)
+        room = min(a.max_seq_len for a in all_args) - post.max_new_tokens
+        self.skipped = SkippedRecords()
+        self.prompts = read_prompts(post.train_data, self.format, room, self.skipped)
+        if self.skipped.count:
+            Console(stderr=True).print(f"[yellow]skipped {self.skipped.count} bad prompt record(s), e.g. "
+                                       f"{self.skipped.examples[0]}")  # fmt: skip
+        self.gamma = post.gamma
+        self.gae_lambda = post.gae_lambda
+        self.value_clip = post.value_clip
+        self.whiten_reward = post.whiten_reward
+        self.missing_stop_penalty = post.missing_stop_penalty
+        self._rollouts: dict[int, Rollout] = {}
+        self.history: list[dict[str, float]] = []  # one record per loss call, global means (rank-identical)
+
+    def _check_vocabularies(self, reward_tokenizer: Any) -> None:
+        ours, theirs = self.tokenizer, reward_tokenizer
+        same = ours.vocab_size == theirs.vocab_size and getattr(ours, "keep_ids", None) == getattr(
+            theirs, "keep_ids", None
+        )
+        vocabs = {a.vocab_size for a in (self.policy_args, self.reference_args, self.reward_args)}
+        if not same or len(vocabs) > 1:
+            raise ValueError(
+                f"policy ({self.cfg.model.init_from}), reference ({self.reference_path}) and reward model "
+                f"({self.cfg.post.reward_model}) must share one tokenizer and vocabulary (model vocab sizes "
+                f"{sorted(vocabs)}; tokenizer sizes {ours.vocab_size} vs {theirs.vocab_size})"
+            )
+
+    # --- model ----------------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        with torch.device("meta"):
+            return PPOModel(self.policy_args, self.value_args, self.reference_args, self.reward_args)
+
+    def init_weights(self, model: nn.Module) -> None:
+        """Policy from model.init_from, reference from post.reference (or the same), reward model from
+        post.reward_model; the value model from the reward model (Llama 2) or the policy trunk + new head."""
+        from herd.text.loading import load_checkpoint
+
+        policy_state = load_checkpoint(self.cfg.model.init_from)[1]
+        model.policy.load_state_dict(policy_state, strict=True)
+        same = Path(self.reference_path).resolve() == Path(self.cfg.model.init_from).resolve()
+        model.reference.load_state_dict(policy_state if same else load_checkpoint(self.reference_path)[1])
+        model.reward.load_state_dict(self._reward_state, strict=True)
+        if self.value_init == "reward_model":
+            model.value.load_state_dict(self._reward_state, strict=True)
+        else:
+            trunk = {k: v for k, v in policy_state.items() if not k.startswith("output.")}
+            model.value.trunk.load_state_dict(trunk, strict=True)
+            model.value.reset_score_head()
+        model.freeze()
+
+    # --- data -----------------------------------------------------------------------------------------
+    def train_batches(self, rank: int, world_size: int) -> PromptBatches:
+        c = self.cfg
+        return PromptBatches(self.prompts, c.data.batch_size, c.post.ppo_epochs,
+                             lambda step: grad_accum_at(c.train, step), rank, world_size, c.data.seed,
+                             self.pad_id)  # fmt: skip
+
+    def val_batches(self) -> None:
+        return None  # PPO has no held-out loss; watch the reward and KL in `history`
+
+    def num_targets(self, batch: dict[str, Any]) -> int:
+        """Token *slots* (rows × max_new_tokens), known before sampling; `loss` rescales by slots/generated
+        tokens so the loop's normalisation yields the mean over generated tokens."""
+        return batch["prompt_tokens"].shape[0] * self.cfg.post.max_new_tokens
+
+    def flops_per_target(self) -> float | None:
+        return None
+
+    # --- rollout --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, model: nn.Module, batch: dict[str, Any]) -> Rollout:
+        """Sample max_new_tokens per prompt with the policy, score with the reference and reward model."""
+        post = self.cfg.post
+        uniforms = row_uniforms(self.cfg.train.seed, batch["stream_index"].cpu(), post.max_new_tokens)
+        responses = sample_responses(
+            lambda tokens, cache, start: model(tokens, mode="generate", kv_cache=cache, start_pos=start),
+            lambda rows, length: model.policy.new_kv_cache(rows, length, cache_cls=_ActivationDtypeCache),
+            batch["prompt_tokens"], batch["prompt_lens"], uniforms, post.temperature, self.vocab_limit,
+            self.tokenizer.stop_ids, self.pad_id,
+        )  # fmt: skip
+        response_tokens = responses.tokens.gather(1, responses.positions)  # (b, N)
+        ref_logits, scores = model(responses.tokens, mode="score", positions=responses.positions - 1,
+                                   last_index=responses.last_index)  # fmt: skip
+        ref_logprobs = token_logprobs(ref_logits, response_tokens, post.temperature, self.vocab_limit)
+        return Rollout(responses, response_tokens, ref_logprobs, scores.float())
+
+    @torch.no_grad()
+    def _advantages(self, ro: Rollout, logprobs: torch.Tensor, values: torch.Tensor) -> None:
+        """Rewards, GAE and whitening from the epoch-0 log-probs / values; statistics over all ranks."""
+        mask = ro.responses.mask
+        kl = (logprobs - ro.ref_logprobs) * mask  # (b, N)
+        local = [float(mask.sum()), mask.numel(), len(ro.scores), float(ro.scores.sum()), float(kl.sum())]
+        counts = torch.tensor(local, dtype=torch.float64, device=mask.device)
+        tokens, slots, rows, score_sum, kl_sum = all_reduce_(counts).tolist()
+        # Llama 2's WHITEN(LOGIT(R_c)): the herd reward model's score already is the logit
+        scores = whiten(ro.scores, torch.ones_like(mask[:, 0])) if self.whiten_reward else ro.scores
+        if self.missing_stop_penalty:  # a reply cut off at max_new_tokens was scored mid-sentence
+            scores = scores - self.missing_stop_penalty * (~ro.responses.finished).to(scores.dtype)
+        rewards, _ = kl_penalized_rewards(scores, logprobs, ro.ref_logprobs, mask, self.cfg.post.kl_coef)
+        advantages, returns = gae_advantages(rewards, values, mask, self.gamma, self.gae_lambda)
+        ro.old_logprobs, ro.old_values, ro.returns = logprobs, values, returns
+        ro.advantages = whiten(advantages, mask)
+        ro.scale, ro.global_tokens = slots / tokens, tokens
+        ro.stats = {"reward": score_sum / rows, "kl": kl_sum / rows, "response_tokens": tokens / rows}
+
+    # --- loss -----------------------------------------------------------------------------------------
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
+        """The PPO loss on this batch's rollout (sampled now at epoch 0), rescaled so the loop's division
+        by token slots gives the mean over generated tokens of the whole global batch."""
+        rollout_id, epoch = int(batch["rollout"]), int(batch["epoch"])
+        post = self.cfg.post
+        ro = self._rollouts.get(rollout_id)
+        if ro is None:
+            if epoch > 0:  # resumed from a checkpoint inside a round: the cached rollout is gone
+                Console(stderr=True).print(
+                    f"[yellow]rollout {rollout_id} resumed at epoch {epoch}: resampled"
+                )
+            ro = self._rollouts[rollout_id] = self.rollout(model, batch)
+        logits, values = model(ro.responses.tokens, mode="train", positions=ro.responses.positions - 1)
+        logprobs = token_logprobs(logits, ro.response_tokens, post.temperature, self.vocab_limit)  # (b, N)
+        if ro.advantages is None:
+            self._advantages(ro, logprobs.detach(), values.detach())
+        mask = ro.responses.mask
+        policy_sum, clipped, approx_kl = ppo_policy_loss(
+            logprobs, ro.old_logprobs, ro.advantages, mask, post.ppo_clip
+        )
+        value_sum = ppo_value_loss(values, ro.old_values, ro.returns, mask, self.value_clip)
+        local = torch.stack([policy_sum.detach(), value_sum.detach(), clipped, approx_kl]).double()
+        p_sum, v_sum, clip_sum, kl_sum = (x / ro.global_tokens for x in all_reduce_(local).tolist())
+        self._record({"rollout": rollout_id, "epoch": epoch, **ro.stats, "policy_loss": p_sum,
+                      "value_loss": v_sum, "clip_frac": clip_sum, "approx_kl": kl_sum})  # fmt: skip
+        if epoch >= post.ppo_epochs - 1:
+            del self._rollouts[rollout_id]
+        extra = {  # this rank's sums
+            "reward_sum": float(ro.scores.sum()),
+            "rows": float(len(ro.scores)),
+            "kl_sum": float(((ro.old_logprobs - ro.ref_logprobs) * mask).sum()),
+            "clipped": float(clipped),
+            "approx_kl_sum": float(approx_kl),
+            "tokens": float(mask.sum()),
+        }
+        total = policy_sum + post.value_coef * value_sum
+        return LossOutput(total * ro.scale, self.num_targets(batch), extra)
+
+    def _record(self, entry: dict[str, float]) -> None:
+        """Keep the step's global statistics; rank 0 appends them to <run_dir>/ppo.jsonl (the loop itself
+        logs only the loss) and prints every `metrics.log_every`-th rollout."""
+        self.history.append(entry)
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        run_dir = Path(self.cfg.train.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with (run_dir / "ppo.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        if (
+            entry["epoch"] == self.cfg.post.ppo_epochs - 1
+            and entry["rollout"] % self.cfg.metrics.log_every == 0
+        ):
+            Console().print(
+                f"ppo rollout {entry['rollout']:>6}  reward {entry['reward']:.4f}  kl {entry['kl']:.4f}  "
+                f"response_tokens {entry['response_tokens']:.1f}  clip_frac {entry['clip_frac']:.3f}",
+                soft_wrap=True,
+            )
+
+    def export(
+        self, state_dict: dict[str, torch.Tensor], out_dir: str | Path, fmt: str = "meta"
+    ) -> Path | None:
+        """Write the trained policy (only) where `load_pretrained` reads it, with its tokenizer."""
+        policy = {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
+        return export_text_model(policy, self.policy_args, self.tokenizer, out_dir, fmt)
