@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from herd.adapters.multimodal import MultimodalLlama
 from herd.config import ParallelConfig
 from herd.parallel.activation_checkpoint import apply_activation_checkpointing, apply_compile, apply_float8
-from herd.parallel.dims import Meshes, ParallelDims
+from herd.parallel.dims import Meshes, ParallelDims, ParallelLayoutError
 from herd.parallel.fsdp import apply_fsdp
-from herd.parallel.tensor_parallel import apply_tensor_parallel, llama_modules
+from herd.parallel.tensor_parallel import apply_tensor_parallel_to_all
 
 
 def parallelize(
@@ -19,11 +20,16 @@ def parallelize(
     cfg: ParallelConfig,
     train_dtype: str = "fp32",
 ) -> nn.Module:
+    if dims.cp > 1 and any(isinstance(m, MultimodalLlama) for m in model.modules()):
+        # its forward takes no load-balanced positions, and images are not split along the sequence
+        raise ParallelLayoutError(
+            f"parallel.cp={dims.cp}: context parallelism is not supported for the image adapter "
+            "(MultimodalLlama, `herd train vision`); use parallel.cp=1 with dp_shard/tp"
+        )
     if cfg.float8:
         apply_float8(model)
     if dims.tp > 1:
-        for llama in llama_modules(model):
-            apply_tensor_parallel(llama, mesh["tp"], cfg.sequence_parallel)
+        apply_tensor_parallel_to_all(model, mesh["tp"], cfg.sequence_parallel)
     apply_activation_checkpointing(model, cfg.activation_checkpoint)
     if cfg.compile:
         apply_compile(model)
