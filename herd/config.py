@@ -140,6 +140,7 @@ class VisionConfig:
     # qa (loss on the answer) | caption (loss on the caption) | mixed (half of each batch each: the
     # captions' every-object supervision speeds up learning to see, the questions teach answering)
     objective: str = "qa"
+    caption_every: int = 2  # mixed: rows 0, N, 2N, ... of each batch are captions, the rest questions
     train_manifest: str | None = None  # jsonl: {"image": path, "question", "answer" | "caption", ...}
     val_manifest: str | None = None
     shards: str | None = None  # webdataset-style tar shards instead of train_manifest

@@ -61,6 +61,8 @@ class VisionTask:
             raise ValueError("vision.llm: the frozen LLM checkpoint to build on is required")
         if v.objective not in ("qa", "caption", "mixed"):
             raise ValueError(f"vision.objective must be qa, caption or mixed, got {v.objective!r}")
+        if v.caption_every < 1:
+            raise ValueError(f"vision.caption_every must be ≥ 1, got {v.caption_every}")
         if cfg.parallel.pp > 1:
             raise ValueError("pipeline parallelism is not implemented for the vision task yet; use FSDP/TP")
         self.cfg = cfg
@@ -106,10 +108,11 @@ class VisionTask:
 
     # --- data -----------------------------------------------------------------------------------------
     def target_text(self, sample: dict[str, Any], row: int = 0) -> tuple[str, str]:
-        """(prompt, target) of a sample; with the "mixed" objective even rows of a batch are captions."""
+        """(prompt, target) of a sample; with the "mixed" objective every `caption_every`-th row of a
+        batch is a caption."""
         objective = self.cfg.vision.objective
         if objective == "mixed":
-            objective = "caption" if row % 2 == 0 else "qa"
+            objective = "caption" if row % self.cfg.vision.caption_every == 0 else "qa"
         if objective == "caption":
             return "", sample.get("caption") or sample["text"]
         return qa_prompt(sample["question"]), f" {sample['answer']}"

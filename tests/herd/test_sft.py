@@ -266,3 +266,19 @@ def test_layouts_match_single_process(setup, tmp_path, layout):
     assert len(single) == len(parallel) == 3
     assert max(abs(a - b) for a, b in zip(single, parallel)) < 1e-4, (single, parallel)
     assert np.isfinite(single).all()
+
+
+def test_herd_train_sft_command_exports_a_loadable_model(setup, tmp_path):
+    from pathlib import Path
+
+    from herd.cli import main
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "post" / "sft_tiny.toml"
+    main(["train", "sft", "--config", str(config), f"--model.init_from={setup / 'base'}",
+          f"--post.train_data={setup / 'train.jsonl'}", f"--train.run_dir={tmp_path}", "--train.steps=2",
+          "--train.eval_every=0", "--data.batch_size=4"])  # fmt: skip
+    model, tok = load_pretrained(tmp_path / "model")
+    base, _ = load_pretrained(setup / "base")
+    assert tok.keep_ids == load_pretrained(setup / "base")[1].keep_ids
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert moved  # two optimizer steps changed the exported weights

@@ -84,3 +84,28 @@ def test_fsdp_matches_single_process(setup, tmp_path):
     single = run_vision(setup, tmp_path / "a", ["--train.steps=3"])
     fsdp = spawn_ranks(run_vision, 2, setup, tmp_path / "b", ["--train.steps=3", "--parallel.dp_shard=2"])[0]
     assert max(abs(a - b) for a, b in zip(single, fsdp)) < 1e-4, (single, fsdp)
+
+
+def test_mixed_objective_puts_a_caption_on_every_nth_row(setup, tmp_path):
+    cfg = load_config(
+        None, overrides(setup, tmp_path, "--vision.objective=mixed", "--vision.caption_every=3")
+    )
+    task = VisionTask(cfg)
+    sample = {
+        "question": "What color is the square?",
+        "answer": "red",
+        "caption": "What shape is the red object?",
+    }
+    targets = [task.target_text(sample, row) for row in range(6)]
+    caption, qa = (
+        ("", "What shape is the red object?"),
+        ("Question: What color is the square? Answer:", " red"),
+    )
+    assert targets == [caption, qa, qa, caption, qa, qa]
+    batch = task.encode([{**sample, "image": s["image"]} for s in list(task.dataset("val", loop=False))[:3]])
+    labelled = [[t for t in row.tolist() if t != -100] for row in batch["labels"]]
+    eot = task.eot_id
+    cap_ids, ans_ids = task.tokenizer.encode(caption[1]) + [eot], task.tokenizer.encode(qa[1]) + [eot]
+    assert labelled == [cap_ids, ans_ids, ans_ids]  # the loss is on the caption or on the answer only
+    with pytest.raises(ValueError, match="caption_every"):
+        VisionTask(load_config(None, overrides(setup, tmp_path, "--vision.caption_every=0")))
