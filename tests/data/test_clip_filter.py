@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import draw_image, write_jsonl
+from synthetic_inputs import draw_image, write_jsonl
 
 from herd.data.cli import add_parsers
 from herd.data.image_sources import ManifestSource

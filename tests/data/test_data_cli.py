@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from synthetic_inputs import write_jsonl
 
 from herd.data.cli import add_parsers, main
 from herd.data.jsonl_io import read_parts

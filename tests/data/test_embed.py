@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import draw_image, write_jsonl
+from synthetic_inputs import draw_image, write_jsonl
 from torch import nn
 
 from herd.data.embed import EmbedConfig, embed_source, load_embeddings, shard_files, wait_for_ranks

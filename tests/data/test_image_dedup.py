@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import thumb_descriptor
 from PIL import Image
+from synthetic_inputs import thumb_descriptor
 
 from herd.data.cli import add_parsers
 from herd.data.image_dedup import choose_keep, dedup_embeddings, group_members, similarity_histogram

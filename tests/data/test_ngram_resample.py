@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_jsonl
+from synthetic_inputs import write_jsonl
 
 from herd.data.ngram_resample import (
     build_vocabulary,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_jsonl
+from synthetic_inputs import write_jsonl
 
 from herd.data.jsonl_io import read_jsonl, read_parts
 from herd.data.text_filters import (
