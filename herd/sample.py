@@ -29,7 +29,7 @@ from torch import nn
 
 from herd.data.packed_text import SkippedRecords
 from herd.text.chat_format import ChatFormat, Message
-from herd.text.generation import Completion, SamplingParams, sample_next
+from herd.text.generation import Completion, SamplingParams, sample_next, split_completions
 
 # Scores a batch of full dialogs (prompt messages + one assistant reply each): one float per dialog.
 RewardFn = Callable[[Sequence[list[Message]]], Sequence[float]]
@@ -104,16 +104,7 @@ def _sample_group(
         if bool(done.all()):
             break
 
-    out = []
-    for b, p in enumerate(rows):
-        row = tokens[b, len(p) : int(limit[b])].tolist()
-        stop_token = None
-        for i, t in enumerate(row):
-            if t in stop_ids:
-                row, stop_token = row[:i], t
-                break
-        out.append(Completion(row, stop_token))
-    return out
+    return split_completions(tokens, rows, limit, stop_ids)
 
 
 def _groups(prompts: Sequence[Sequence[int]], batch_prompts: int) -> list[list[int]]:

@@ -100,6 +100,16 @@ def generate(
             break
     model.train(was_training)
 
+    return split_completions(tokens, prompts, limit, stop_ids)
+
+
+def split_completions(
+    tokens: torch.Tensor,  # (B, total): prompts then generated tokens
+    prompts: Sequence[Sequence[int]],
+    limit: torch.Tensor,  # (B,): each row's end, prompt + max_new_tokens
+    stop_ids: Sequence[int] | frozenset[int],
+) -> list[Completion]:
+    """Each row's generated tokens, cut at (and without) its first stop token."""
     out = []
     for b, p in enumerate(prompts):
         row = tokens[b, len(p) : int(limit[b])].tolist()
