@@ -56,18 +56,24 @@ def _counting_doc(rng: random.Random) -> str:
 
 
 def _scene_qa_doc(rng: random.Random) -> str:
-    """A described scene and a question about it, worded exactly as the image-QA dataset asks: the
-    frozen LLM learns the questions' words and the answer format; an image adapter only has to add
-    the scene."""
+    """A described scene and a question about it, worded exactly as the image-QA dataset asks and
+    drawn under its rules (distinct colours in a scene; a colour question names a shape that occurs
+    once): the frozen LLM learns to answer from a described scene; an image adapter only has to add
+    the scene. An ambiguous question here would teach the LLM to guess among the scene's colours."""
     n = rng.randint(1, 3)
-    objects = [(rng.choice(COLORS), rng.choice(SHAPES)) for _ in range(n)]
-    xs = rng.sample(range(10), n)
-    scene = " ".join(f"There is a {c} {s}." for c, s in objects)
     kind = rng.choice(("color", "shape", "count", "position"))
     if kind == "position" and n < 2:
         kind = "count"
+    colors = rng.sample(COLORS, n)
+    while True:
+        shapes = [rng.choice(SHAPES) for _ in range(n)]
+        if kind != "color" or any(shapes.count(s) == 1 for s in shapes):
+            break
+    objects = list(zip(colors, shapes))
+    xs = rng.sample(range(10), n)
+    scene = " ".join(f"There is a {c} {s}." for c, s in objects)
     if kind == "color":
-        c, s = rng.choice(objects)
+        c, s = rng.choice([o for o in objects if shapes.count(o[1]) == 1])
         question, answer = f"What color is the {s}?", c
     elif kind == "shape":
         c, s = rng.choice(objects)

@@ -152,3 +152,31 @@ def test_image_grid_size_and_content(tmp_path: Path) -> None:
     assert Image.open(tmp_path / "two.png").size == grid_size(2)  # narrower: one row of two
     with pytest.raises(ValueError, match="captions"):
         save_image_grid(images, captions[:2], tmp_path / "bad.png")
+
+
+def test_text_corpus_scene_questions_follow_the_image_datasets_rules() -> None:
+    """The frozen LLM learns to answer from described scenes; an ambiguous text question (two squares,
+    two red objects) would teach it to guess among the scene's colours instead of reading the scene."""
+    import random
+
+    from herd.data.synthetic_text import _scene_qa_doc
+
+    rng = random.Random(0)
+    seen = Counter()
+    for _ in range(2000):
+        doc = _scene_qa_doc(rng)
+        objects = re.findall(r"There is a (\w+) (\w+)\.", doc)
+        colors = [c for c, _ in objects]
+        assert len(set(colors)) == len(colors), doc
+        question, answer = re.search(r"Question: (.*) Answer: (\w+)\.$", doc).groups()
+        if m := re.fullmatch(r"What color is the (\w+)\?", question):
+            matches = [c for c, s in objects if s == m[1]]
+            assert matches == [answer], doc
+        elif m := re.fullmatch(r"What shape is the (\w+) object\?", question):
+            assert [s for c, s in objects if c == m[1]] == [answer], doc
+        elif question == "How many shapes are there?":
+            assert NUMBER_WORDS[len(objects)] == answer, doc
+        else:
+            assert answer in ("left", "right") and f"is {answer} of the" in doc, doc
+        seen[question.split()[1]] += 1
+    assert min(seen.values()) > 300, seen  # every question type is common
