@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import multiprocessing as mp
 import time
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from herd.config import load_config
-from herd.parallel.launch import init_distributed
+from herd.parallel.launch import init_distributed, run_in_fresh_process
 from herd.tasks.text import causal_lm_loss, training_flops_per_token
 from herd.text.args import get_preset
 from herd.text.model import Llama
@@ -125,23 +124,6 @@ def bench_hf(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return out
 
 
-def _hf_child(a: argparse.Namespace, device: torch.device, queue) -> None:
-    queue.put(bench_hf(a, device))
-
-
-def bench_hf_in_fresh_process(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """A process of its own: herd's model and optimizer state would otherwise still hold the GPU memory,
-    and each side's peak memory is its own."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    child = ctx.Process(target=_hf_child, args=(a, device, queue))
-    child.start()
-    child.join()
-    if child.exitcode != 0 or queue.empty():
-        raise RuntimeError(f"the transformers benchmark process failed (exit code {child.exitcode})")
-    return queue.get()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
@@ -168,7 +150,7 @@ def main() -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        results["runs"].append(bench_hf_in_fresh_process(a, device))
+        results["runs"].append(run_in_fresh_process(bench_hf, a, device))  # memory of its own
     if rank == 0:
         print(json.dumps(results, indent=2))
 

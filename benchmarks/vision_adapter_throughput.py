@@ -25,7 +25,6 @@ import argparse
 import gc
 import itertools
 import json
-import multiprocessing as mp
 import time
 from typing import Any
 
@@ -36,7 +35,7 @@ from herd.adapters.multimodal import MultimodalLlama
 from herd.config import load_config
 from herd.data.packed_text import IGNORE_INDEX
 from herd.optim import build_optimizer
-from herd.parallel.launch import init_distributed
+from herd.parallel.launch import init_distributed, run_in_fresh_process
 from herd.tasks.text import causal_lm_loss
 from herd.text.args import ModelArgs, get_preset
 from herd.text.checkpoint_hf import hf_config_from_args
@@ -235,21 +234,6 @@ def bench_hf(a: argparse.Namespace) -> dict[str, Any]:
             "trainable_params": sum(p.numel() for p in params), "final_loss": loss}  # fmt: skip
 
 
-def _hf_child(a: argparse.Namespace, queue) -> None:
-    queue.put(bench_hf(a))
-
-
-def bench_hf_in_fresh_process(a: argparse.Namespace) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    child = ctx.Process(target=_hf_child, args=(a, queue))
-    child.start()
-    child.join()
-    if child.exitcode != 0 or queue.empty():
-        raise RuntimeError(f"the transformers benchmark process failed (exit code {child.exitcode})")
-    return queue.get()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llm-preset", default="tiny", help="herd.text preset of the frozen LLM")
@@ -287,7 +271,7 @@ def main() -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        results["runs"].append(bench_hf_in_fresh_process(a))
+        results["runs"].append(run_in_fresh_process(bench_hf, a))  # peak memory of its own
     if rank == 0:
         print(json.dumps(results, indent=2))
 

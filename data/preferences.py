@@ -20,7 +20,7 @@ rejected) or 3 (+ edited), right-padded, so a data-parallel split by records nev
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,6 +317,21 @@ class PreferenceBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.consumed = int(state["consumed"])
+
+
+class PreferenceBatching:
+    """`train_batches` / `val_batches` of a preference task (reward model, DPO): the task provides `cfg`,
+    `train_records`, `val_records` and `collate(records) -> batch`."""
+
+    def train_batches(self, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
+        d = self.cfg.data
+        return PreferenceBatches(self.train_records, d.batch_size, self.collate, rank, world_size, d.seed)
+
+    def val_batches(self) -> Iterable[dict[str, Any]] | None:
+        if not self.val_records:
+            return None
+        b = self.cfg.data.batch_size  # whole batches only: every validation step sees the same shape
+        return (self.collate(self.val_records[i : i + b]) for i in range(0, len(self.val_records) - b + 1, b))
 
 
 def write_preferences(path: str | Path, records: Sequence[dict[str, Any]]) -> Path:

@@ -29,7 +29,7 @@ from torch import nn
 
 from herd.data.packed_text import SkippedRecords
 from herd.text.chat_format import ChatFormat, Message
-from herd.text.generation import Completion, SamplingParams, sample_next, split_completions
+from herd.text.generation import Completion, SamplingParams, prompt_lengths, sample_next, split_completions
 
 # Scores a batch of full dialogs (prompt messages + one assistant reply each): one float per dialog.
 RewardFn = Callable[[Sequence[list[Message]]], Sequence[float]]
@@ -58,14 +58,7 @@ def _sample_group(
 ) -> list[Completion]:
     """K completions of each prompt, rows ordered prompt-major (row g·K + r is sample r of prompt g)."""
     G, B = len(prompts), len(prompts) * k
-    min_len = min(len(p) for p in prompts)
-    max_len = max(len(p) for p in prompts)
-    total_len = max_len + params.max_new_tokens
-    if total_len > model.args.max_seq_len:
-        raise ValueError(
-            f"prompt ({max_len}) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
-            f"max_seq_len {model.args.max_seq_len}"
-        )
+    min_len, total_len = prompt_lengths(model, prompts, params.max_new_tokens)
     device = next(model.parameters()).device
     rows = [p for p in prompts for _ in range(k)]
     tokens = torch.full((B, total_len), pad_id, dtype=torch.long, device=device)  # (B, total)

@@ -46,6 +46,21 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def prompt_lengths(
+    model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int
+) -> tuple[int, int]:
+    """(shortest prompt, longest prompt + max_new_tokens); a clear error past the model's max_seq_len."""
+    min_len = min(len(p) for p in prompts)
+    max_len = max(len(p) for p in prompts)
+    total_len = max_len + max_new_tokens
+    if total_len > model.args.max_seq_len:
+        raise ValueError(
+            f"prompt ({max_len}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"max_seq_len {model.args.max_seq_len}"
+        )
+    return min_len, total_len
+
+
 @torch.inference_mode()
 def generate(
     model: nn.Module,
@@ -59,14 +74,7 @@ def generate(
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     B = len(prompts)
-    min_len = min(len(p) for p in prompts)
-    max_len = max(len(p) for p in prompts)
-    total_len = max_len + params.max_new_tokens
-    if total_len > model.args.max_seq_len:
-        raise ValueError(
-            f"prompt ({max_len}) + max_new_tokens ({params.max_new_tokens}) exceeds the model's "
-            f"max_seq_len {model.args.max_seq_len}"
-        )
+    min_len, total_len = prompt_lengths(model, prompts, params.max_new_tokens)
     device = next(model.parameters()).device
     generator = None
     if params.seed is not None:

@@ -1,4 +1,5 @@
-"""Process-group setup for torchrun jobs, and an in-process launcher for multi-rank CPU tests.
+"""Process-group setup for torchrun jobs, an in-process launcher for multi-rank CPU tests, and a runner
+for work that needs a clean process of its own (`run_in_fresh_process`).
 
 `spawn_ranks` forks ranks from a forkserver that has imported torch once: a 16-rank gloo test starts
 in seconds instead of paying ~3 s of `import torch` per rank (measured on 2 cores: 58 s → 15 s).
@@ -105,3 +106,25 @@ def spawn_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: float = 30
     if failure is not None:
         raise RuntimeError(failure)
     return [results[r] for r in range(world_size)]
+
+
+def _fresh_child(fn: Callable, args: tuple, queue) -> None:
+    queue.put(fn(*args))
+
+
+def run_in_fresh_process(fn: Callable, *args: Any) -> Any:
+    """`fn(*args)` in a newly spawned process; returns its result.
+
+    For measurements that must not share a process (benchmarks: one side's model and optimizer state
+    would still hold the GPU memory, and each side's peak memory is its own). `fn` must be importable
+    (module level, or in the running script)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    child = ctx.Process(target=_fresh_child, args=(fn, args, queue))
+    child.start()
+    child.join()
+    if child.exitcode != 0 or queue.empty():
+        raise RuntimeError(
+            f"{getattr(fn, '__name__', fn)} failed in its own process (exit code {child.exitcode})"
+        )
+    return queue.get()

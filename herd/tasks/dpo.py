@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from herd.config import JobConfig
 from herd.data.packed_text import SkippedRecords
 from herd.data.preferences import (
     EncodedPreference,
-    PreferenceBatches,
+    PreferenceBatching,
     collate_dpo,
     encode_all,
     encode_preference,
@@ -110,7 +110,7 @@ def sequence_logps(
     return policy, ref, mask.sum(-1).view(B, 2)
 
 
-class DPOTask:
+class DPOTask(PreferenceBatching):
     def __init__(self, cfg: JobConfig, tokenizer: Any | None = None) -> None:
         if not cfg.model.init_from:
             raise ValueError(
@@ -172,16 +172,6 @@ class DPOTask:
     def collate(self, items: list[Any]) -> dict[str, Any]:
         encoded = [self.encode(it) for it in items]
         return collate_dpo(encoded, self.pad_id, self.seq_len, self.cfg.post.mask_format_tokens)
-
-    def train_batches(self, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
-        d = self.cfg.data
-        return PreferenceBatches(self.train_records, d.batch_size, self.collate, rank, world_size, d.seed)
-
-    def val_batches(self) -> Iterable[dict[str, Any]] | None:
-        if not self.val_records:
-            return None
-        b = self.cfg.data.batch_size
-        return (self.collate(self.val_records[i : i + b]) for i in range(0, len(self.val_records) - b + 1, b))
 
     def num_targets(self, batch: dict[str, Any]) -> int:
         return int(batch["tokens"].shape[0])  # pairs

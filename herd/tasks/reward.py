@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from herd.data.preferences import (
     PAIR_RESPONSES,
     STRENGTHS,
     EncodedPreference,
-    PreferenceBatches,
+    PreferenceBatching,
     PreferenceRecord,
     collate_rm,
     encode_preference,
@@ -88,7 +88,7 @@ def pair_rewards(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor,
     return better, worse
 
 
-class RewardModelTask:
+class RewardModelTask(PreferenceBatching):
     def __init__(self, cfg: JobConfig, tokenizer: Any | None = None) -> None:
         if not cfg.model.init_from:
             raise ValueError(
@@ -146,16 +146,6 @@ class RewardModelTask:
 
     def collate(self, items: list[Any]) -> dict[str, Any]:
         return collate_rm([self.encode(it) for it in items], self.pad_id, self.seq_len, self.margins)
-
-    def train_batches(self, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
-        d = self.cfg.data
-        return PreferenceBatches(self.train_records, d.batch_size, self.collate, rank, world_size, d.seed)
-
-    def val_batches(self) -> Iterable[dict[str, Any]] | None:
-        if not self.val_records:
-            return None
-        b = self.cfg.data.batch_size
-        return (self.collate(self.val_records[i : i + b]) for i in range(0, len(self.val_records) - b + 1, b))
 
     def num_targets(self, batch: dict[str, Any]) -> int:
         return int(batch["pair_valid"].sum())

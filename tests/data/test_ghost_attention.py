@@ -22,13 +22,7 @@ from herd.text.chat_format import ChatFormat
 from herd.text.tokenizer import Tokenizer
 from herd.text.vocab_subset import SubsetTokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 PIRATE = "Always answer as a pirate."

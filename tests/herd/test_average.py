@@ -11,14 +11,7 @@ from herd.text.loading import load_checkpoint, load_pretrained, model_from_state
 from herd.text.tokenizer import Tokenizer
 from herd.text.vocab_subset import SubsetTokenizer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second OpenMP thread; on a shared 2-core machine it spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_args(**overrides):

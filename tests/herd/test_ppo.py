@@ -41,20 +41,13 @@ from herd.text.tokenizer import Tokenizer
 from herd.text.vocab_subset import SubsetTokenizer
 from herd.trainer import train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPTS = [
     "Tell me about cats.", "Tell me about dogs please.", "A story about birds.", "The weather today?",
     "Fish?", "Tell me a good story about the weather today please.", "Yes or no?", "Maybe dogs are bad.",
 ]  # fmt: skip
 WORDS = "Tell me about cats dogs birds fish the weather today please a story yes no maybe good bad"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops on 2 shared cores: a second intra-op thread only adds spin-waits (measured 40× slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def counting_reward_model(args, token: int, scale: float = 0.5) -> RewardModel:

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from tiny_workspaces import write_preference_workspace
 from torch import nn
 
 from herd.config import load_config
 from herd.data.preferences import parse_preference
-from herd.data.synthetic_preferences import generate_preferences, preference_texts, write_preference_splits
 from herd.parallel.launch import spawn_ranks
 from herd.tasks.reward import (
     MARGINS,
@@ -19,28 +19,14 @@ from herd.tasks.reward import (
     load_reward_model,
     save_reward_model,
 )
-from herd.tasks.text import export_text_model
-from herd.text import build_llama, get_preset
-from herd.text.tokenizer import Tokenizer
-from herd.text.vocab_subset import SubsetTokenizer
 from herd.trainer import train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rm")
-    write_preference_splits(root / "prefs", n_train=300, n_val=80, seed=0)
-    tok = SubsetTokenizer.from_texts(
-        Tokenizer(), [*preference_texts(generate_preferences(300)), "user assistant\n\n"]
-    )
-    torch.manual_seed(0)
-    args = get_preset("tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16,
-                      vocab_size=-(-tok.vocab_size // 64) * 64, max_seq_len=128)  # fmt: skip
-    export_text_model(build_llama(args).state_dict(), args, tok, root / "llm", "meta")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared 2-core machine
-    yield root
-    torch.set_num_threads(threads)
+    return write_preference_workspace(tmp_path_factory.mktemp("rm"), 300, 80)
 
 
 def overrides(root, run_dir, *extra):

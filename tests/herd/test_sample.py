@@ -25,19 +25,12 @@ from herd.text.reward_model import RewardModel
 from herd.text.tokenizer import Tokenizer
 from herd.text.vocab_subset import SubsetTokenizer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 WORDS = (
     "What is the capital of France? Tell me a story about a fox and a dog. Paris is big. Why is the sky blue?"
 )
 STOPS = frozenset(range(3, 128, 9))  # ~11% of the vocabulary: some samples stop, some run out of tokens
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second OpenMP thread; on a shared 2-core machine it spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_args(vocab_size=128, max_seq_len=96):

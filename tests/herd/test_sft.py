@@ -26,6 +26,8 @@ from herd.text.tokenizer import Tokenizer
 from herd.text.vocab_subset import SubsetTokenizer
 from herd.trainer import train
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 COLORS = {"sky": "blue", "grass": "green", "sun": "yellow", "snow": "white", "coal": "black", "blood": "red",
           "sea": "blue", "milk": "white"}  # fmt: skip
 SYSTEM = "You are a helpful assistant."
@@ -44,14 +46,6 @@ def color_dialog(a: str, b: str) -> list[dict]:
 def write_jsonl(path, dialogs):
     path.write_text("".join(json.dumps({"messages": d}) + "\n" for d in dialogs))
     return path
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,21 +8,18 @@ compared parameter by parameter on a sequence whose length the TP degree does no
 
 import pytest
 import torch
+from tiny_workspaces import write_vision_workspace
 from torch.distributed.tensor import DTensor
 
 from herd.adapters.multimodal import MultimodalLlama
 from herd.config import load_config
-from herd.data.synthetic_shapes import write_shapes_dataset
 from herd.parallel.dims import ParallelDims, ParallelLayoutError
 from herd.parallel.launch import spawn_ranks
 from herd.parallel.parallelize import parallelize
-from herd.tasks.text import export_text_model
 from herd.tasks.vision import VisionTask
-from herd.text import build_llama, get_preset
+from herd.text import get_preset
 from herd.text.loading import load_checkpoint
 from herd.text.model import Llama
-from herd.text.tokenizer import Tokenizer
-from herd.text.vocab_subset import SubsetTokenizer
 from herd.trainer import train
 
 TOLERANCE = 1e-4
@@ -30,17 +27,7 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vision_tp")
-    write_shapes_dataset(root / "shapes", n_train=32, n_val=8, seed=0, image_size=56)
-    words = ["Question: What color is the square? What shape is the red object? How many shapes are there?",
-             "Is the red circle left or right of the blue square? Answer: red green blue yellow purple orange",
-             "circle square triangle one two three left right"]  # fmt: skip
-    tok = SubsetTokenizer.from_texts(Tokenizer(), words)
-    torch.manual_seed(0)
-    args = get_preset("tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16,
-                      vocab_size=-(-tok.vocab_size // 64) * 64, max_seq_len=64)  # fmt: skip
-    export_text_model(build_llama(args).state_dict(), args, tok, root / "llm", "meta")
-    return root
+    return write_vision_workspace(tmp_path_factory.mktemp("vision_tp"), 32, 8)
 
 
 def run_vision(root, run_dir, extra: list[str]) -> dict:

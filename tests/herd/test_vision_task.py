@@ -4,32 +4,17 @@ import hashlib
 
 import pytest
 import torch
+from tiny_workspaces import write_vision_workspace
 
 from herd.config import load_config
-from herd.data.synthetic_shapes import write_shapes_dataset
 from herd.parallel.launch import spawn_ranks
-from herd.tasks.text import export_text_model
 from herd.tasks.vision import VisionTask, evaluate_vqa
-from herd.text import build_llama, get_preset
-from herd.text.tokenizer import Tokenizer
-from herd.text.vocab_subset import SubsetTokenizer
 from herd.trainer import train
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vision")
-    write_shapes_dataset(root / "shapes", n_train=64, n_val=16, seed=0, image_size=56)
-    words = ["Question: What color is the square? What shape is the red object? How many shapes are there?",
-             "Is the red circle left or right of the blue square? Answer: red green blue yellow purple orange",
-             "circle square triangle one two three left right"]  # fmt: skip
-    tok = SubsetTokenizer.from_texts(Tokenizer(), words)
-    torch.manual_seed(0)
-    args = get_preset("tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16,
-                      vocab_size=-(-tok.vocab_size // 64) * 64, max_seq_len=64)  # fmt: skip
-    llm = build_llama(args)
-    export_text_model(llm.state_dict(), args, tok, root / "llm", "meta")
-    return root
+    return write_vision_workspace(tmp_path_factory.mktemp("vision"), 64, 16)
 
 
 def overrides(root, run_dir, *extra):
