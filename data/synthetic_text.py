@@ -55,6 +55,18 @@ def _counting_doc(rng: random.Random) -> str:
     return "Count: " + " ".join(NUMBER_WORDS[start : start + length]) + "."
 
 
+def restated_answer(kind: str, color: str, shape: str, answer: str) -> str:
+    """The full answer the quickstart trains on: colour and shape answers name their object first
+    ("the square is red", "a red circle"), so the answered word comes right after the word that
+    says which object is meant, as in a caption. Measured: with one-word answers the adapter reads
+    the right property of the wrong object (docs/vision.md, "What limits it"). Other kinds: the word."""
+    if kind == "color":
+        return f"the {shape} is {color}"
+    if kind == "shape":
+        return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape}"
+    return answer
+
+
 def _scene_qa_doc(rng: random.Random) -> str:
     """A described scene and a question about it, worded exactly as the image-QA dataset asks and
     drawn under its rules (distinct colours in a scene; a colour question names a shape that occurs
@@ -74,10 +86,10 @@ def _scene_qa_doc(rng: random.Random) -> str:
     scene = " ".join(f"There is a {c} {s}." for c, s in objects)
     if kind == "color":
         c, s = rng.choice([o for o in objects if shapes.count(o[1]) == 1])
-        question, answer = f"What color is the {s}?", c
+        question, answer = f"What color is the {s}?", restated_answer(kind, c, s, c)
     elif kind == "shape":
         c, s = rng.choice(objects)
-        question, answer = f"What shape is the {c} object?", s
+        question, answer = f"What shape is the {c} object?", restated_answer(kind, c, s, s)
     elif kind == "count":
         question, answer = "How many shapes are there?", NUMBER_WORDS[n]
     else:

@@ -26,6 +26,11 @@ from herd.config import load_config
 from herd.paths import config_path
 
 SAMPLE_PROMPTS = ("The red circle is", "Count: three", "Question: what is 7 plus 8? Answer:")
+# Training question types of the vision stage: colour questions ("What color is the square?") are the
+# hardest (the adapter has to find an object by its shape) and get the most rows; count is learnt with
+# any share; position falls towards chance below ⅕. The held-out split stays balanced. Measured in
+# docs/vision.md ("What limits it").
+VISION_TRAIN_MIX = {"color": 4, "shape": 2, "count": 1, "position": 2}
 
 
 def evaluate_text_model(model, tokenizer) -> dict[str, Any]:
@@ -56,7 +61,7 @@ def run_vision_stage(out: Path, llm_dir: Path, overrides: list[str], console: Co
     from herd.trainer import train
 
     shapes = out / "shapes"
-    write_shapes_dataset(shapes, n_train=6000, n_val=400, seed=0, image_size=56)
+    write_shapes_dataset(shapes, n_train=6000, n_val=400, seed=0, image_size=56, train_mix=VISION_TRAIN_MIX)
     cfg = load_config(
         config_path("quickstart_vision.toml"),
         [f"--vision.llm={llm_dir}", f"--vision.train_manifest={shapes / 'train.jsonl'}",

@@ -115,7 +115,7 @@ class VisionTask:
             objective = "caption" if row % self.cfg.vision.caption_every == 0 else "qa"
         if objective == "caption":
             return "", sample.get("caption") or sample["text"]
-        return qa_prompt(sample["question"]), f" {sample['answer']}"
+        return qa_prompt(sample["question"]), f" {sample.get('response') or sample['answer']}"
 
     def prompt_tokens(self, prompt: str) -> list[int]:
         return [self.tokenizer.bos_id, self.image_id, *self.tokenizer.encode(prompt)]
@@ -190,11 +190,25 @@ class VisionTask:
         return None
 
 
+def _normalized(answer: str) -> str:
+    return " ".join(w.strip(".,!?") for w in answer.lower().split())
+
+
+def answer_is_correct(sample: dict[str, Any], generated: str) -> bool:
+    """A sample with a `response` (the full answer trained on, e.g. "the square is red") is answered
+    right when the whole answer equals it, ignoring case and punctuation: the right colour of the
+    wrong object is wrong. Without one, the answer's first word must equal `answer`."""
+    if sample.get("response"):
+        return _normalized(generated) == _normalized(sample["response"])
+    words = _normalized(generated).split()
+    return bool(words) and words[0] == _normalized(str(sample["answer"]))
+
+
 @torch.no_grad()
 def evaluate_vqa(
     model: MultimodalLlama, task: VisionTask, samples: list[dict[str, Any]], batch_size: int = 32
 ) -> dict[str, Any]:
-    """Greedy answers to each sample's question; accuracy per `question_type` (first word, no punctuation)."""
+    """Greedy answers to each sample's question; accuracy per `question_type` (`answer_is_correct`)."""
     from herd.adapters.multimodal import generate_with_images
     from herd.text.generation import SamplingParams
 
@@ -208,14 +222,12 @@ def evaluate_vqa(
         xmask = images["aspect_ratio_mask"][:, None].expand(-1, T, -1, -1).clone()
         done = generate_with_images(
             model, prompts, images["pixel_values"], images["aspect_ratio_ids"], images["aspect_ratio_mask"],
-            xmask, SamplingParams(max_new_tokens=3), stop_ids=task.tokenizer.stop_ids, pad_id=task.pad_id,
+            xmask, SamplingParams(max_new_tokens=8), stop_ids=task.tokenizer.stop_ids, pad_id=task.pad_id,
         )  # fmt: skip
         answers += [task.tokenizer.decode(c.tokens) for c in done]
     correct: dict[str, list[bool]] = {}
     for s, a in zip(samples, answers):
-        words = a.strip().split()
-        guess = words[0].strip(".,!?").lower() if words else ""
-        correct.setdefault(s.get("question_type", "all"), []).append(guess == str(s["answer"]).lower())
+        correct.setdefault(s.get("question_type", "all"), []).append(answer_is_correct(s, a))
     return {
         "accuracy": {k: sum(v) / len(v) for k, v in sorted(correct.items())},
         "answers": answers,

@@ -24,6 +24,7 @@ from herd.data.synthetic_shapes import (
     chance_accuracy,
     generate_split,
     make_example,
+    question_cycle,
     write_shapes_dataset,
 )
 from herd.data.synthetic_text import COLORS, NUMBER_WORDS, SHAPES
@@ -60,6 +61,16 @@ def test_answers_match_the_scene_and_are_one_word() -> None:
     for ex in generate_split(N, seed=5):
         assert derive_answer(list(ex.scene), ex.question) == ex.answer, ex
         assert ex.answer in vocab
+        # The full answer names the object the question asked about, then the scored word.
+        if ex.question_type == "color":
+            shape = re.fullmatch(r"What color is the (\w+)\?", ex.question)[1]
+            assert ex.response == f"the {shape} is {ex.answer}", ex
+        elif ex.question_type == "shape":
+            color = re.fullmatch(r"What shape is the (\w+) object\?", ex.question)[1]
+            article = "an" if color == "orange" else "a"
+            assert ex.response == f"{article} {color} {ex.answer}", ex
+        else:
+            assert ex.response == ex.answer, ex
         assert 1 <= len(ex.scene) <= 3
         assert len({s.color for s in ex.scene}) == len(ex.scene)  # "the red object" is always one
         # The caption lists every shape, left to right.
@@ -107,6 +118,25 @@ def test_question_types_are_balanced_and_chance_is_known() -> None:
     assert chance_accuracy(rows) == {"count": 0.5, "position": 1.0}
 
 
+def test_question_mix_weights_the_training_split_only(tmp_path: Path) -> None:
+    mix = {"color": 4, "shape": 2, "count": 1, "position": 1}
+    cycle = question_cycle(mix)
+    assert cycle == ("color", "shape", "color", "count", "position", "color", "shape", "color")
+    assert question_cycle() == QUESTION_TYPES == question_cycle({q: 3 for q in QUESTION_TYPES})[:4]
+    assert question_cycle({q: 3 for q in QUESTION_TYPES}) == QUESTION_TYPES * 3
+    assert question_cycle({"color": 1}) == ("color",)
+    examples = list(generate_split(16, seed=2, mix=mix))
+    assert Counter(ex.question_type for ex in examples) == {"color": 8, "shape": 4, "count": 2, "position": 2}
+    assert examples[3] == make_example(2, "train", 3, cycle=cycle)
+    info = write_shapes_dataset(tmp_path, n_train=16, n_val=8, seed=2, image_size=32, train_mix=mix)
+    assert info["splits"]["train"]["question_types"] == {"color": 8, "shape": 4, "count": 2, "position": 2}
+    assert info["splits"]["val"]["question_types"] == {q: 2 for q in QUESTION_TYPES}
+    for bad, match in (({"colour": 1}, "unknown question types"), ({"color": 0}, "whole numbers"),
+                       ({"color": 1.5}, "whole numbers")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            question_cycle(bad)
+
+
 def test_written_dataset_is_deterministic_and_readable(tmp_path: Path) -> None:
     info = write_shapes_dataset(tmp_path / "a", n_train=24, n_val=8, seed=7, image_size=32)
     write_shapes_dataset(tmp_path / "b", n_train=24, n_val=8, seed=7, image_size=32)
@@ -121,9 +151,10 @@ def test_written_dataset_is_deterministic_and_readable(tmp_path: Path) -> None:
     examples = list(generate_split(24, seed=7, image_size=32))
     assert len(samples) == 24 and ds.skipped.total == 0
     for s, ex in zip(samples, examples):
-        assert (s["question"], s["answer"], s["question_type"], s["caption"]) == (
+        assert (s["question"], s["answer"], s["response"], s["question_type"], s["caption"]) == (
             ex.question,
             ex.answer,
+            ex.response,
             ex.question_type,
             ex.caption,
         )
@@ -168,14 +199,16 @@ def test_text_corpus_scene_questions_follow_the_image_datasets_rules() -> None:
         objects = re.findall(r"There is a (\w+) (\w+)\.", doc)
         colors = [c for c, _ in objects]
         assert len(set(colors)) == len(colors), doc
-        question, answer = re.search(r"Question: (.*) Answer: (\w+)\.$", doc).groups()
+        question, response = re.search(r"Question: (.*) Answer: ([\w ]+)\.$", doc).groups()
+        answer = response.split()[-1]  # answers are worded as the image dataset's `response`
         if m := re.fullmatch(r"What color is the (\w+)\?", question):
             matches = [c for c, s in objects if s == m[1]]
-            assert matches == [answer], doc
+            assert matches == [answer] and response == f"the {m[1]} is {answer}", doc
         elif m := re.fullmatch(r"What shape is the (\w+) object\?", question):
             assert [s for c, s in objects if c == m[1]] == [answer], doc
+            assert response.endswith(f" {m[1]} {answer}"), doc
         elif question == "How many shapes are there?":
-            assert NUMBER_WORDS[len(objects)] == answer, doc
+            assert NUMBER_WORDS[len(objects)] == response, doc
         else:
             assert answer in ("left", "right") and f"is {answer} of the" in doc, doc
         seen[question.split()[1]] += 1

@@ -8,7 +8,7 @@ from tiny_workspaces import write_vision_workspace
 
 from herd.config import load_config
 from herd.parallel.launch import spawn_ranks
-from herd.tasks.vision import VisionTask, evaluate_vqa
+from herd.tasks.vision import VisionTask, answer_is_correct, evaluate_vqa
 from herd.trainer import train
 
 
@@ -55,7 +55,7 @@ def test_llm_stays_frozen_and_adapter_learns(setup, tmp_path):
     losses = [h["loss"] for h in result.history]
     assert len(losses) == 12 and all(loss == loss for loss in losses)
     # the adapter trained: gates left zero, the encoder and projector moved from their initial values
-    assert all(abs(float(b.gate_attn)) > 0 for b in model.cross_attention.values())
+    assert all(abs(b.gate_attn.item()) > 0 for b in model.cross_attention.values())
     start = dict(reference.named_parameters())
     moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, start[n])]
     assert any(n.startswith("vision.") for n in moved) and any(n.startswith("projector") for n in moved)
@@ -94,3 +94,22 @@ def test_mixed_objective_puts_a_caption_on_every_nth_row(setup, tmp_path):
     assert labelled == [cap_ids, ans_ids, ans_ids]  # the loss is on the caption or on the answer only
     with pytest.raises(ValueError, match="caption_every"):
         VisionTask(load_config(None, overrides(setup, tmp_path, "--vision.caption_every=0")))
+
+
+def test_a_restated_answer_must_name_the_asked_object() -> None:
+    color = {"answer": "red", "response": "the square is red"}
+    assert answer_is_correct(color, " The square is red.")
+    assert not answer_is_correct(color, " the circle is red")  # the right colour of the wrong object
+    assert not answer_is_correct(color, " the square is blue")
+    assert not answer_is_correct(color, " red")
+    assert not answer_is_correct(color, " the square is red and blue")
+    one_word = {"answer": "two"}
+    assert answer_is_correct(one_word, " Two.") and answer_is_correct(one_word, " two shapes")
+    assert not answer_is_correct(one_word, " three") and not answer_is_correct(one_word, "")
+
+
+def test_qa_target_is_the_full_response_when_the_sample_has_one(setup, tmp_path):
+    task = VisionTask(load_config(None, overrides(setup, tmp_path, "--vision.objective=qa")))
+    sample = {"question": "What color is the square?", "answer": "red", "response": "the square is red"}
+    assert task.target_text(sample) == ("Question: What color is the square? Answer:", " the square is red")
+    assert task.target_text({**sample, "response": ""})[1] == " red"
