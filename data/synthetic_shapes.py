@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from herd.data.jsonl_io import atomic_write_json, read_jsonl, write_jsonl
-from herd.data.synthetic_text import COLORS, NUMBER_WORDS, SHAPES, restated_answer
+from herd.data.synthetic_text import COLORS, NUMBER_WORDS, SHAPES, restated_answer, scene_caption
 
 QUESTION_TYPES = ("color", "shape", "count", "position")
 SPLITS = {"train": 0, "val": 1}  # split name → stream id in the seed
@@ -133,12 +133,7 @@ def _scene(rng: np.random.Generator, n: int, image_size: int, unique_shape: bool
 
 
 def caption_of(scene: tuple[ShapeSpec, ...]) -> str:
-    names = [f"{'an' if s.color[0] in 'aeiou' else 'a'} {s.name}" for s in sorted(scene, key=lambda s: s.cx)]
-    count = NUMBER_WORDS[len(scene)].capitalize()
-    if len(names) == 1:
-        return f"{count} shape: {names[0]}."
-    listed = ", ".join(names[:-1]) + " and " + names[-1]
-    return f"{count} shapes, from left to right: {listed}."
+    return scene_caption([(s.color, s.shape) for s in sorted(scene, key=lambda s: s.cx)])
 
 
 def question_cycle(mix: dict[str, int] | None = None) -> tuple[str, ...]:

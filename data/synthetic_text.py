@@ -1,10 +1,11 @@
 """A generated English corpus for the CPU quickstart and tests: small, deterministic, learnable.
 
-Three kinds of document, so that a tiny model's progress can be *measured* after a few hundred steps:
+Several kinds of document, so that a tiny model's progress can be *measured* after a few hundred steps:
 - arithmetic questions ("Question: what is 3 plus 4? Answer: 7."), exact facts the model must recall;
 - scene descriptions of coloured shapes (the vocabulary the vision quickstart's captions use);
 - counting sequences;
-- described scenes with a question about them, in the image-QA dataset's exact wording.
+- described scenes with a question about them, in the image-QA dataset's exact wording;
+- image captions in the image dataset's exact wording.
 """
 
 from __future__ import annotations
@@ -67,6 +68,23 @@ def restated_answer(kind: str, color: str, shape: str, answer: str) -> str:
     return answer
 
 
+def scene_caption(objects_left_to_right: list[tuple[str, str]]) -> str:
+    """The image dataset's caption of (colour, shape) objects ordered left to right: "Two shapes, from
+    left to right: a red circle and an orange square." Written here, in the corpus's module, so the text
+    model reads captions in exactly these words (and its trimmed vocabulary has all of them)."""
+    names = [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s}" for c, s in objects_left_to_right]
+    count = NUMBER_WORDS[len(names)].capitalize()
+    if len(names) == 1:
+        return f"{count} shape: {names[0]}."
+    listed = ", ".join(names[:-1]) + " and " + names[-1]
+    return f"{count} shapes, from left to right: {listed}."
+
+
+def _caption_doc(rng: random.Random) -> str:
+    objects = [(c, rng.choice(SHAPES)) for c in rng.sample(COLORS, rng.randint(1, 3))]
+    return scene_caption(objects)
+
+
 def _scene_qa_doc(rng: random.Random) -> str:
     """A described scene and a question about it, worded exactly as the image-QA dataset asks and
     drawn under its rules (distinct colours in a scene; a colour question names a shape that occurs
@@ -105,5 +123,7 @@ def _scene_qa_doc(rng: random.Random) -> str:
 
 def generate_corpus(n_docs: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    makers = (_arithmetic_doc, _arithmetic_doc, _scene_doc, _counting_doc, _scene_qa_doc, _scene_qa_doc)
+    makers = (
+        _arithmetic_doc, _arithmetic_doc, _scene_doc, _counting_doc, _scene_qa_doc, _scene_qa_doc, _caption_doc,
+    )  # fmt: skip
     return [rng.choice(makers)(rng) for _ in range(n_docs)]

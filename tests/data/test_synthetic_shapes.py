@@ -213,3 +213,23 @@ def test_text_corpus_scene_questions_follow_the_image_datasets_rules() -> None:
             assert answer in ("left", "right") and f"is {answer} of the" in doc, doc
         seen[question.split()[1]] += 1
     assert min(seen.values()) > 300, seen  # every question type is common
+
+
+def test_the_quickstart_vocabulary_has_every_word_of_the_image_dataset() -> None:
+    """The quickstart trims the Llama 3 vocabulary to the text corpus's tokens; a caption word outside
+    it ("Two", "from", "and") would be trained on as the unknown token. The corpus writes captions,
+    questions and answers in the image dataset's words, and captions come from the same function."""
+    from herd.data.synthetic_text import generate_corpus, scene_caption
+    from herd.tasks.vision import qa_prompt
+    from herd.text.tokenizer import load_tokenizer
+    from herd.text.vocab_subset import SubsetTokenizer
+
+    vocab = SubsetTokenizer.from_texts(load_tokenizer(None), generate_corpus(2000, seed=0))
+    for ex in generate_split(400, seed=0, image_size=56):
+        for text in (ex.caption, f"{qa_prompt(ex.question)} {ex.response}"):  # as VisionTask encodes them
+            vocab.encode(text, bos=False, eos=False)
+    assert vocab.unknown_count == 0
+    assert scene_caption([("orange", "circle")]) == "One shape: an orange circle."
+    assert scene_caption([("red", "circle"), ("blue", "square"), ("green", "triangle")]) == (
+        "Three shapes, from left to right: a red circle, a blue square and a green triangle."
+    )
