@@ -56,6 +56,10 @@ def _counting_doc(rng: random.Random) -> str:
     return "Count: " + " ".join(NUMBER_WORDS[start : start + length]) + "."
 
 
+def with_article(color: str, shape: str) -> str:
+    return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape}"
+
+
 def restated_answer(kind: str, color: str, shape: str, answer: str) -> str:
     """The full answer the quickstart trains on: colour and shape answers name their object first
     ("the square is red", "a red circle"), so the answered word comes right after the word that
@@ -64,7 +68,7 @@ def restated_answer(kind: str, color: str, shape: str, answer: str) -> str:
     if kind == "color":
         return f"the {shape} is {color}"
     if kind == "shape":
-        return f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape}"
+        return with_article(color, shape)
     return answer
 
 
@@ -72,7 +76,7 @@ def scene_caption(objects_left_to_right: list[tuple[str, str]]) -> str:
     """The image dataset's caption of (colour, shape) objects ordered left to right: "Two shapes, from
     left to right: a red circle and an orange square." Written here, in the corpus's module, so the text
     model reads captions in exactly these words (and its trimmed vocabulary has all of them)."""
-    names = [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {s}" for c, s in objects_left_to_right]
+    names = [with_article(c, s) for c, s in objects_left_to_right]
     count = NUMBER_WORDS[len(names)].capitalize()
     if len(names) == 1:
         return f"{count} shape: {names[0]}."
