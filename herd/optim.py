@@ -29,6 +29,37 @@ def param_groups(
     return [{"params": ps, "weight_decay": wd, "lr": lr * mult} for (wd, mult), ps in groups.items()]
 
 
+def multiplier_matches(
+    params: Iterable[tuple[str, nn.Parameter]], multipliers: dict[str, float] | None
+) -> dict[str, list[str]]:
+    """The trainable parameter names each `lr_multipliers` key reaches (substring match, the first key
+    that matches wins, as in `param_groups`). Printed at the start of training because a substring can
+    reach more than meant: "gate" also matches every parameter of a "gated_positional_embedding"."""
+    keys = dict(multipliers or {})
+    found: dict[str, list[str]] = {key: [] for key in keys}
+    for name, p in params:
+        key = next((k for k in keys if k in name), None) if p.requires_grad else None
+        if key is not None:
+            found[key].append(name)
+    return found
+
+
+def describe_multipliers(
+    found: dict[str, list[str]], multipliers: dict[str, float], shown: int = 3
+) -> list[str]:
+    """One line per key: `lr × 30 'gate_attn': 10 tensors (cross_attention.0.gate_attn, …)`."""
+    lines = []
+    for key, names in found.items():
+        if not names:
+            lines.append(f"lr × {multipliers[key]:g} {key!r}: matches no trainable parameter here")
+            continue
+        more = ", …" if len(names) > shown else ""
+        lines.append(
+            f"lr × {multipliers[key]:g} {key!r}: {len(names)} tensors ({', '.join(names[:shown])}{more})"
+        )
+    return lines
+
+
 def build_optimizer(
     named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimizerConfig
 ) -> torch.optim.AdamW:

@@ -28,7 +28,7 @@ from torch import nn
 
 from herd.config import JobConfig, grad_accum_at
 from herd.metrics import MetricsLogger
-from herd.optim import OptimizerGroup
+from herd.optim import OptimizerGroup, describe_multipliers, multiplier_matches
 from herd.parallel.runtime import Runtime
 
 
@@ -134,6 +134,10 @@ def train(cfg: JobConfig, task: Task, show_progress: bool = True) -> TrainResult
     logger = MetricsLogger(run_dir, cfg.metrics, enabled=runtime.is_logging_rank, config=cfg.to_dict())
     params = [p for _, p in runtime.named_trainable_parameters()]
     optim = OptimizerGroup(runtime.parts, cfg.optimizer, cfg.schedule, cfg.train.steps)
+    if cfg.optimizer.lr_multipliers and runtime.is_logging_rank:  # what each name substring reached
+        found = multiplier_matches(runtime.named_trainable_parameters(), cfg.optimizer.lr_multipliers)
+        for line in describe_multipliers(found, cfg.optimizer.lr_multipliers):
+            logger.console.print(line, highlight=False, soft_wrap=True)
     batches = task.train_batches(rank=runtime.dp_rank, world_size=runtime.dims.dp)
     flops_per_target = task.flops_per_target()
 

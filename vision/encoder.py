@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
-    from timm.layers import Mlp, QuickGELU, resample_abs_pos_embed
+    from timm.layers import Mlp, QuickGELU, build_sincos2d_pos_embed, resample_abs_pos_embed
     from timm.models.vision_transformer import Block
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("herd.vision.encoder builds on timm's ViT blocks: pip install timm") from e
@@ -83,7 +83,11 @@ class GatedPositionalEmbedding(nn.Module):
         super().__init__()
         self.max_num_tiles, self.num_patches, self.dim = args.max_num_tiles, args.num_patches, args.dim
         self.gate = nn.Parameter(torch.zeros(1))
-        self.embedding = nn.Parameter(torch.randn(args.num_patches, args.dim) * args.dim**-0.5)  # (N, D)
+        if args.positional_init == "sincos":  # class token at row 0 gets no position (zeros)
+            table = build_sincos2d_pos_embed([args.grid, args.grid], args.dim)  # (grid², D), row-major
+            self.embedding = nn.Parameter(torch.cat([torch.zeros(1, args.dim), table]))  # (N, D)
+        else:
+            self.embedding = nn.Parameter(torch.randn(args.num_patches, args.dim) * args.dim**-0.5)  # (N, D)
         self.tile_embedding = nn.Embedding(
             args.max_aspect_ratio_id + 1, args.max_num_tiles * args.num_patches * args.dim
         )

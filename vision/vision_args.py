@@ -54,6 +54,11 @@ class VisionArgs:
     num_channels: int = 3
     # (rows, cols) tile arrangements; None → every arrangement of up to max_num_tiles tiles
     aspect_ratios: list[tuple[int, int]] | None = field(default=None)
+    # How a randomly initialised encoder starts its per-patch positional embedding: "random" (Meta's
+    # randn/√D; a pretrained checkpoint replaces it anyway) or "sincos", the fixed 2D sine-cosine table
+    # (MAE, timm) so that where a patch is is readable from step 0 (docs/vision.md: the quickstart's
+    # position questions otherwise need a fast-moving embedding that costs colour and shape accuracy).
+    positional_init: str = "random"
 
     def __post_init__(self) -> None:
         self.intermediate_layers = tuple(int(i) for i in self.intermediate_layers)
@@ -73,6 +78,12 @@ class VisionArgs:
             )
         if self.act not in ("gelu", "quick_gelu"):
             raise ValueError(f"act must be 'gelu' or 'quick_gelu', not {self.act!r}")
+        if self.positional_init not in ("random", "sincos"):
+            raise ValueError(f"positional_init must be 'random' or 'sincos', not {self.positional_init!r}")
+        if self.positional_init == "sincos" and self.dim % 4:
+            raise ValueError(
+                f"positional_init 'sincos' needs dim divisible by 4 (2 axes × sin/cos), got {self.dim}"
+            )
         too_big = [r for r in self.aspect_ratios if r[0] * r[1] > self.max_num_tiles]
         if too_big:
             raise ValueError(

@@ -7,7 +7,7 @@ import torch
 
 from herd.config import ScheduleConfig, load_config
 from herd.metrics import read_metrics
-from herd.optim import lr_multiplier
+from herd.optim import describe_multipliers, lr_multiplier, multiplier_matches, param_groups
 from herd.tasks.text import TextPretrainTask
 from herd.trainer import LossOutput, NonFiniteLossError, train
 
@@ -140,3 +140,27 @@ def test_task_extras_are_summed_over_the_window_and_logged_per_target(tmp_path):
         sum(c for c, _ in task.seen[i : i + 2]) / sum(n for _, n in task.seen[i : i + 2]) for i in (0, 2)
     ]
     assert logged == pytest.approx(expected, abs=1e-12) and len(logged) == 2
+
+
+def test_lr_multipliers_report_what_each_substring_reaches():
+    """A key reaches every trainable name that contains it (first key wins), exactly the tensors that
+    `param_groups` speeds up; the report says so before training, and flags keys that reach nothing."""
+    model = torch.nn.ModuleDict(
+        {
+            "cross": torch.nn.ModuleDict({"gate_attn": torch.nn.Linear(2, 2)}),
+            "gated_positional_embedding": torch.nn.Linear(2, 2),
+            "frozen_gate": torch.nn.Linear(2, 2).requires_grad_(False),
+        }
+    )
+    multipliers = {"gate_attn": 30.0, "gate": 10.0, "typo": 2.0}
+    found = multiplier_matches(model.named_parameters(), multipliers)
+    assert found == {
+        "gate_attn": ["cross.gate_attn.weight", "cross.gate_attn.bias"],
+        "gate": ["gated_positional_embedding.weight", "gated_positional_embedding.bias"],
+        "typo": [],
+    }
+    groups = param_groups(model.named_parameters(), 0.0, 1e-3, multipliers)
+    assert sorted(g["lr"] for g in groups) == pytest.approx([1e-2, 3e-2])
+    lines = describe_multipliers(found, multipliers)
+    assert lines[0].startswith("lr × 30 'gate_attn': 2 tensors (cross.gate_attn.weight")
+    assert lines[2] == "lr × 2 'typo': matches no trainable parameter here"

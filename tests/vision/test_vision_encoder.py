@@ -212,3 +212,27 @@ def test_load_errors_name_the_problem(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.bin"):
         load_vision_weights(VisionEncoder(tiny_clip_args()), tmp_path / "junk.bin")
+
+
+def test_sincos_positional_init_is_the_2d_sine_cosine_table():
+    """`positional_init="sincos"`: patch (y, x) starts at the MAE table sin/cos(y·ω_k), sin/cos(x·ω_k),
+    ω_k = 10000^(−k/(D/4)) (channel order is timm's; compared as sets per row), the class token at 0;
+    nearer patches are more alike, so position is readable before any training."""
+    args = get_vision_preset("tiny", max_num_tiles=1, patch_size=7, positional_init="sincos")
+    emb = VisionEncoder(args).gated_positional_embedding.embedding.detach().double()  # (1 + 8·8, 64)
+    g, q = args.grid, args.dim // 4
+    omega = 10000.0 ** (-torch.arange(q, dtype=torch.float64) / q)
+    assert torch.equal(emb[0], torch.zeros(args.dim))
+    for y, x in [(0, 1), (3, 5), (7, 7), (6, 2)]:
+        want = torch.cat([f(c * omega) for c in (y, x) for f in (torch.sin, torch.cos)])
+        got = emb[1 + y * g + x]
+        assert torch.allclose(got.sort().values, want.sort().values, atol=1e-6), (y, x)
+        # the two axes are told apart: (y, x) and (x, y) differ unless on the diagonal
+        assert (got - emb[1 + x * g + y]).abs().max() > 0.1 or x == y
+    sim = emb[1:] @ emb[1:].T  # (64, 64)
+    centre = 3 * g + 3
+    assert sim[centre, centre + 1] > sim[centre, centre + 3] > sim[centre, 7 * g + 7]
+    random_init = VisionEncoder(get_vision_preset("tiny", max_num_tiles=1, patch_size=7))
+    assert not torch.allclose(random_init.gated_positional_embedding.embedding.detach().double(), emb)
+    with pytest.raises(ValueError, match="positional_init"):
+        get_vision_preset("tiny", positional_init="learned")
