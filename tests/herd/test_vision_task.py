@@ -113,3 +113,31 @@ def test_qa_target_is_the_full_response_when_the_sample_has_one(setup, tmp_path)
     sample = {"question": "What color is the square?", "answer": "red", "response": "the square is red"}
     assert task.target_text(sample) == ("Question: What color is the square? Answer:", " the square is red")
     assert task.target_text({**sample, "response": ""})[1] == " red"
+
+
+def test_quickstart_multipliers_speed_up_the_adapter_gates_only(setup):
+    """The quickstart opens the cross-attention gates fast (lr × 30) and starts the encoder's positional
+    embedding as the 2D sin-cos table; every image-encoder parameter keeps the base lr. (An earlier
+    `gate = 30` also reached the encoder's gated layers and its positional embedding, "gated_…", and cost
+    colour/shape accuracy: docs/vision.md.)"""
+    from herd.optim import param_groups
+    from herd.paths import config_path
+
+    cfg = load_config(
+        config_path("quickstart_vision.toml"),
+        [f"--vision.llm={setup / 'llm'}", f"--vision.train_manifest={setup / 'shapes' / 'train.jsonl'}"],
+    )
+    task = VisionTask(cfg)
+    assert task.vision_args.positional_init == "sincos"
+    model = task._new_model()
+    lr = cfg.optimizer.lr
+    groups = param_groups(
+        model.named_parameters(), cfg.optimizer.weight_decay, lr, cfg.optimizer.lr_multipliers
+    )
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    adapter_gates = [n for n in named if n.startswith("cross_attention.") and ".gate_" in n]
+    encoder_gates = [n for n in named if n.startswith("vision.") and n.endswith("gate")]
+    assert len(adapter_gates) == 2 * len(model.cross_attention) and len(encoder_gates) >= 5
+    assert all(lr_of[id(named[n])] == pytest.approx(30 * lr) for n in adapter_gates)
+    assert all(lr_of[id(p)] == pytest.approx(lr) for n, p in named.items() if n.startswith("vision."))
