@@ -11,6 +11,11 @@ from torch import nn
 from herd.config import OptimizerConfig, ScheduleConfig
 
 
+def multiplier_key(name: str, multipliers: dict[str, float] | None) -> str | None:
+    """The `lr_multipliers` key that applies to parameter `name`: the first key it contains, or None."""
+    return next((key for key in multipliers or {} if key in name), None)
+
+
 def param_groups(
     params: Iterable[tuple[str, nn.Parameter]],
     weight_decay: float,
@@ -23,7 +28,8 @@ def param_groups(
     for name, p in params:
         if not p.requires_grad:
             continue
-        mult = next((m for key, m in (multipliers or {}).items() if key in name), 1.0)
+        key = multiplier_key(name, multipliers)
+        mult = multipliers[key] if key is not None else 1.0
         wd = weight_decay if p.dim() >= 2 else 0.0
         groups.setdefault((wd, mult), []).append(p)
     return [{"params": ps, "weight_decay": wd, "lr": lr * mult} for (wd, mult), ps in groups.items()]
@@ -35,10 +41,9 @@ def multiplier_matches(
     """The trainable parameter names each `lr_multipliers` key reaches (substring match, the first key
     that matches wins, as in `param_groups`). Printed at the start of training because a substring can
     reach more than meant: "gate" also matches every parameter of a "gated_positional_embedding"."""
-    keys = dict(multipliers or {})
-    found: dict[str, list[str]] = {key: [] for key in keys}
+    found: dict[str, list[str]] = {key: [] for key in multipliers or {}}
     for name, p in params:
-        key = next((k for k in keys if k in name), None) if p.requires_grad else None
+        key = multiplier_key(name, multipliers) if p.requires_grad else None
         if key is not None:
             found[key].append(name)
     return found

@@ -132,10 +132,11 @@ def train(cfg: JobConfig, task: Task, show_progress: bool = True) -> TrainResult
     runtime = Runtime(cfg, task, device)
     run_dir = Path(cfg.train.run_dir)
     logger = MetricsLogger(run_dir, cfg.metrics, enabled=runtime.is_logging_rank, config=cfg.to_dict())
-    params = [p for _, p in runtime.named_trainable_parameters()]
+    named_params = runtime.named_trainable_parameters()
+    params = [p for _, p in named_params]
     optim = OptimizerGroup(runtime.parts, cfg.optimizer, cfg.schedule, cfg.train.steps)
     if cfg.optimizer.lr_multipliers and runtime.is_logging_rank:  # what each name substring reached
-        found = multiplier_matches(runtime.named_trainable_parameters(), cfg.optimizer.lr_multipliers)
+        found = multiplier_matches(named_params, cfg.optimizer.lr_multipliers)
         for line in describe_multipliers(found, cfg.optimizer.lr_multipliers):
             logger.console.print(line, highlight=False, soft_wrap=True)
     batches = task.train_batches(rank=runtime.dp_rank, world_size=runtime.dims.dp)
