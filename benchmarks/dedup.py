@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from herd.data.near_dup_search import SearchConfig, exact_neighbors, find_pairs
+    from herd.data.curation.near_dup_search import SearchConfig, exact_neighbors, find_pairs
 
     t0 = time.perf_counter()
     x, groups = make_data(args.n, args.d, args.dup_frac, args.c_min, args.seed)

@@ -81,7 +81,7 @@ def run_datasketch(docs: list[dict], num_perm: int, k: int, t: float, batch: boo
 
 
 def run_stage(docs: list[dict], num_perm: int, k: int, t: float) -> tuple[float, set[int]]:
-    from herd.data.text_dedup import MinHashDedup
+    from herd.data.curation.text_dedup import MinHashDedup
 
     stage = MinHashDedup("text", num_perm=num_perm, shingle_size=k, threshold=t)
     removed: set[int] = set()
@@ -104,8 +104,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from herd.data.jsonl_io import write_jsonl
-    from herd.data.text_dedup import TextDedupConfig, dedup_text
+    from herd.data.curation.text_dedup import TextDedupConfig, dedup_text
+    from herd.data.records import write_jsonl
 
     docs, planted = make_corpus(args.docs, args.words, args.dup_frac, args.seed)
     n = len(docs)

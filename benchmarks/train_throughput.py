@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from herd.config import load_config
+from herd.losses import causal_lm_loss
 from herd.parallel.launch import init_distributed, run_in_fresh_process
-from herd.tasks.text import causal_lm_loss, training_flops_per_token
 from herd.text.args import get_preset
 from herd.text.model import Llama
 from herd.trainer import LossOutput, peak_memory_gib, train
@@ -59,7 +59,7 @@ class RandomTokensTask:
         return LossOutput(loss_sum, n)
 
     def flops_per_target(self) -> float:
-        return training_flops_per_token(self.model_args, self.seq_len)
+        return self.model_args.training_flops_per_token(self.seq_len)
 
 
 def bench_herd(a: argparse.Namespace) -> dict[str, Any]:
@@ -120,7 +120,7 @@ def bench_hf(a: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     out = {"impl": "transformers", "version": transformers.__version__, "tokens_per_s": tps,
            "peak_mem_gib": peak_memory_gib(device), "gradient_checkpointing": a.hf_gradient_checkpointing}  # fmt: skip
     if a.peak_tflops:
-        out["mfu"] = tps * training_flops_per_token(args, a.seq_len) / (a.peak_tflops * 1e12)
+        out["mfu"] = tps * args.training_flops_per_token(a.seq_len) / (a.peak_tflops * 1e12)
     return out
 
 

@@ -33,10 +33,10 @@ import torch
 from herd.adapters.hf_mllama import hf_from_schedule
 from herd.adapters.multimodal import MultimodalLlama
 from herd.config import load_config
-from herd.data.packed_text import IGNORE_INDEX
+from herd.data.records import IGNORE_INDEX
+from herd.losses import causal_lm_loss
 from herd.optim import build_optimizer
 from herd.parallel.launch import init_distributed, run_in_fresh_process
-from herd.tasks.text import causal_lm_loss
 from herd.text.args import ModelArgs, get_preset
 from herd.text.checkpoint_hf import hf_config_from_args
 from herd.text.model import Llama

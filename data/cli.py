@@ -33,10 +33,10 @@ def _summary(report: dict[str, Any], keys: tuple[str, ...]) -> int:
 
 def cmd_dedup_images(args: argparse.Namespace) -> int:
     _require("faiss", "scipy")
-    from herd.data.embed import EmbedConfig, default_device, dist_env
-    from herd.data.image_dedup import dedup_images
-    from herd.data.image_sources import make_source
-    from herd.data.near_dup_search import SearchConfig
+    from herd.data.curation.embed import EmbedConfig, default_device, dist_env
+    from herd.data.curation.image_dedup import dedup_images
+    from herd.data.curation.image_sources import make_source
+    from herd.data.curation.near_dup_search import SearchConfig
 
     rank, world = dist_env()
     source = make_source(args.images, args.manifest, args.shards, shard_size=args.shard_size)
@@ -51,7 +51,7 @@ def cmd_dedup_images(args: argparse.Namespace) -> int:
             raise SystemExit(
                 "give --weights (e.g. sscd_disc_mixup.torchscript.pt), --embeddings, or --random-init"
             )
-        from herd.data.sscd import load_sscd
+        from herd.data.curation.sscd import load_sscd
 
         device = args.device or default_device()
         weights = None if args.random_init else args.weights
@@ -118,7 +118,7 @@ def _add_dedup_images(sub: argparse._SubParsersAction) -> None:
 
 def cmd_dedup_text(args: argparse.Namespace) -> int:
     _require("datasketch")
-    from herd.data.text_dedup import TextDedupConfig, dedup_text
+    from herd.data.curation.text_dedup import TextDedupConfig, dedup_text
 
     cfg = TextDedupConfig(
         text_field=args.text_field, url_field=args.url_field, timestamp_field=args.timestamp_field,
@@ -172,7 +172,7 @@ def _parse_thresholds(s: str) -> dict[int, float]:
 
 
 def cmd_filter_text(args: argparse.Namespace) -> int:
-    from herd.data.text_filters import FilterConfig, ReferenceDistribution, filter_text
+    from herd.data.curation.text_filters import FilterConfig, ReferenceDistribution, filter_text
 
     dirty: list[str] = []
     if args.dirty_words:
@@ -217,9 +217,9 @@ def _add_filter_text(sub: argparse._SubParsersAction) -> None:
 
 def cmd_filter_clip(args: argparse.Namespace) -> int:
     _require("open_clip", hint="pip install 'herd[data]' open_clip_torch")
-    from herd.data.clip_filter import filter_clip, load_clip
-    from herd.data.embed import default_device
-    from herd.data.image_sources import make_source
+    from herd.data.curation.clip_filter import filter_clip, load_clip
+    from herd.data.curation.embed import default_device
+    from herd.data.curation.image_sources import make_source
 
     if args.pretrained is None and not args.random_init:
         raise SystemExit("give --pretrained PATH (local open_clip weights) or --random-init")
@@ -265,7 +265,7 @@ def _add_filter_clip(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_resample(args: argparse.Namespace) -> int:
-    from herd.data.ngram_resample import build_vocabulary, read_vocabulary_texts, resample_jsonl
+    from herd.data.curation.ngram_resample import build_vocabulary, read_vocabulary_texts, resample_jsonl
 
     vocab = build_vocabulary(read_vocabulary_texts(args.vocab_texts), args.max_n, args.min_vocab_count)
     report = resample_jsonl(

@@ -15,9 +15,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from herd.data.packed_text import SkippedRecords
-from herd.data.text_sources import SOURCES, expand_paths, iter_documents
-from herd.data.token_shards import DEFAULT_SHARD_TOKENS, MANIFEST, read_manifest, write_token_shards
+from herd.data.records import SkipCounter
+from herd.data.training.text_sources import SOURCES, expand_paths, iter_documents
+from herd.data.training.token_shards import DEFAULT_SHARD_TOKENS, MANIFEST, read_manifest, write_token_shards
 
 
 def add_tokenize_parser(data_subparsers: Any) -> argparse.ArgumentParser:
@@ -77,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
         before = 0 if args.overwrite else sum(s["num_tokens"] for s in read_manifest(args.out)["shards"])
     except FileNotFoundError:
         before = 0
-    skipped = SkippedRecords()
+    skipped = SkipCounter()
     inputs = {
         "source": args.source,
         "files": [str(f.resolve()) for f in files],

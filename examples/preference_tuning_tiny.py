@@ -2,7 +2,7 @@
 
 1. a tiny text model: pretrained with the quickstart's settings (configs/quickstart.toml, a few hundred
    steps on the generated corpus), or reused with --text-model (e.g. runs/quickstart/text_model);
-2. synthetic preferences with known ground truth (herd.data.synthetic_preferences), held-out questions;
+2. synthetic preferences with known ground truth (herd.data.synthetic.preferences), held-out questions;
 3. a reward model (configs/post/rm_tiny.toml) → held-out ranking accuracy before/after vs 50 % chance;
 4. DPO (configs/post/dpo_tiny.toml) → held-out implicit-reward margin and preference accuracy before/after.
 
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from herd.config import load_config
-from herd.data.synthetic_preferences import write_preference_splits
+from herd.data.synthetic.preferences import write_preference_splits
 from herd.paths import config_path
 from herd.tasks.dpo import DPOTask, evaluate_preferences
 from herd.tasks.reward import RewardModelTask, evaluate_ranking
@@ -35,7 +35,7 @@ QUIET = ["--metrics.tensorboard=false", "--checkpoint.save_final=false", "--chec
 def pretrain_text_model(out: Path, steps: int) -> Path:
     cfg = load_config(config_path("quickstart.toml"), [f"--train.run_dir={out / 'text'}", f"--train.steps={steps}",
                                                       "--train.eval_every=0", *QUIET])  # fmt: skip
-    task = TextPretrainTask(cfg)
+    task = TextPretrainTask.from_config(cfg)
     result = train(cfg, task)
     return task.export(result.runtime.full_state_dict(), out / "text_model", "meta")
 
@@ -52,13 +52,13 @@ def initial_model(task: Any) -> torch.nn.Module:
 
 
 def stage_overrides(out: Path, text_model: Path, prefs: dict[str, Path], name: str, steps: int) -> list[str]:
-    return [f"--model.init_from={text_model}", f"--post.train_data={prefs['train']}",
-            f"--post.val_data={prefs['val']}", f"--train.run_dir={out / name}", f"--train.steps={steps}", *QUIET]  # fmt: skip
+    return [f"--model.init_from={text_model}", f"--{name}.train_data={prefs['train']}",
+            f"--{name}.val_data={prefs['val']}", f"--train.run_dir={out / name}", f"--train.steps={steps}", *QUIET]  # fmt: skip
 
 
 def run_reward_model(out: Path, text_model: Path, prefs: dict[str, Path], steps: int) -> dict[str, Any]:
     cfg = load_config(config_path("post/rm_tiny.toml"), stage_overrides(out, text_model, prefs, "rm", steps))
-    task = RewardModelTask(cfg)
+    task = RewardModelTask.from_config(cfg)
     before = evaluate_ranking(initial_model(task), task, task.val_records)
     result = train(cfg, task)
     after = evaluate_ranking(result.model, task, task.val_records)
@@ -71,7 +71,7 @@ def run_dpo(out: Path, text_model: Path, prefs: dict[str, Path], steps: int) -> 
     cfg = load_config(
         config_path("post/dpo_tiny.toml"), stage_overrides(out, text_model, prefs, "dpo", steps)
     )
-    task = DPOTask(cfg)
+    task = DPOTask.from_config(cfg)
     before = evaluate_preferences(initial_model(task), task, task.val_records)
     result = train(cfg, task)
     after = evaluate_preferences(result.model, task, task.val_records)

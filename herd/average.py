@@ -11,7 +11,7 @@ tokenizer files, which `herd.text.loading.load_pretrained` reads.
 
 Reward-model exports (`herd train rm`: a tied-embedding Meta trunk + `score_head.safetensors` +
 `reward_model.json`) average too: the head's tensors join the state dict as `score.weight` /
-`score.bias` and are written back in the same layout, which `herd.tasks.reward.load_reward_model` reads.
+`score.bias` and are written back in the same layout, which `herd.text.reward_model.load_reward_model` reads.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _vocab_subset(path: Path) -> list[int] | None:
 
 def _reward_head_file(root: Path) -> Path | None:
     """The score-head file of a reward-model export, None for a plain checkpoint."""
-    from herd.tasks.reward import REWARD_MODEL_FILE, SCORE_HEAD_FILE
+    from herd.text.reward_model import REWARD_MODEL_FILE, SCORE_HEAD_FILE
 
     marker = root / REWARD_MODEL_FILE
     if not marker.is_file():
@@ -206,7 +206,7 @@ def save_averaged(
     if head:
         from safetensors.torch import save_file
 
-        from herd.tasks.reward import REWARD_MODEL_FILE
+        from herd.text.reward_model import REWARD_MODEL_FILE
 
         head_file = _reward_head_file(src)
         if head_file is None:

@@ -40,29 +40,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from herd.config import load_config
     from herd.parallel.launch import init_distributed
-    from herd.tasks import TASKS, build_task
+    from herd.task import build_task
     from herd.trainer import train
 
-    if args.modality not in TASKS:
-        print(
-            f"herd train {args.modality}: not available yet (see the issues in the README)", file=sys.stderr
-        )
-        return 2
     cfg = load_config(args.config, args.overrides)
     rank, _, _ = init_distributed()
     task = build_task(args.modality, cfg)
     result = train(cfg, task)
-    if args.modality == "vision":
-        from herd.ask import save_vision_model
-
-        if rank == 0 and result.runtime.world == 1:
-            out = save_vision_model(
-                result.model, cfg.vision.llm, cfg.vision.max_tiles, f"{cfg.train.run_dir}/model"
-            )
-            print(
-                f"final loss {result.final_loss:.4f}; vision model written to {out} (herd ask --model {out})"
-            )
-        return 0
     state = result.runtime.full_state_dict()  # collective: every rank takes part, rank 0 gets it
     if rank == 0:
         out = task.export(state, f"{cfg.train.run_dir}/model", cfg.checkpoint.export_format)
@@ -141,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train", help="train with the one training loop; extra --section.key=value override the config"
     )
-    p.add_argument("modality", choices=["text", "vision", "video", "speech", "sft", "rm", "dpo", "ppo"])
+    p.add_argument("modality", choices=["text", "vision", "sft", "rm", "dpo", "ppo"])
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_train, takes_overrides=True)
 
@@ -172,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sample(sub)
     add_average(sub)
-    from herd.data.ghost_attention import add_parser as add_gatt
+    from herd.data.curation.ghost_attention import add_parser as add_gatt
 
     add_gatt(sub)
     from herd.tasks.dpo import add_parser as add_dpo_reference

@@ -1,8 +1,12 @@
 """Job configuration: one small dataclass per concern, loaded from TOML, overridable from the CLI.
 
 "args" are architectures (`herd.text.ModelArgs`); a *config* describes the job. Each component
-receives only its own section (the optimizer sees `OptimizerConfig`, the loader `DataConfig`, ...),
-so no component grows a dependency on the whole job.
+receives only its own section (the optimizer sees `OptimizerConfig`, the loader `DataConfig`, a task
+the sections it names in `from_config`), so no component grows a dependency on the whole job. Each
+post-training objective has its own section: `[sft]`, `[rm]`, `[dpo]`, `[ppo]`.
+
+Options with a fixed set of values are typed `Literal[...]` and checked when the config loads: a wrong
+value is an error naming the key, the value and the choices, before any model is built.
 
     cfg = load_config("configs/quickstart.toml", ["--train.steps=50", "--optimizer.lr", "1e-3"])
 """
@@ -15,12 +19,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from herd.text.args import PRESET_NAMES
+from herd.vision.vision_args import VISION_PRESET_NAMES
+
+PIPELINE_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
 
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"
+    preset: Literal[*PRESET_NAMES] = "tiny"  # type: ignore[valid-type]
     args: dict[str, Any] = field(default_factory=dict)  # ModelArgs fields replacing the preset's
     init_from: str | None = None  # a checkpoint `load_pretrained` reads (fine-tuning instead of scratch)
     # Train on the corpus's subset of the Llama 3 vocabulary (renumbered densely; see
@@ -29,7 +38,7 @@ class ModelConfig:
     # How a sharded model gets its initial weights: "full" builds and initialises the whole model on
     # every rank (CPU) and shards it — identical to a single-process run, for models that fit in host
     # memory; "sharded" initialises each rank's shards directly (any size); "auto": full below 2B params.
-    init: str = "auto"
+    init: Literal["auto", "full", "sharded"] = "auto"
 
 
 @dataclass
@@ -42,18 +51,25 @@ class ParallelConfig:
     pp: int = 1
     tp: int = 1
     # pipeline: GPipe | 1F1B | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble (GPU only)
-    pp_schedule: str = "1F1B"
+    pp_schedule: Literal[*PIPELINE_SCHEDULES] = "1F1B"  # type: ignore[valid-type]
     pp_microbatches: int | None = None  # None → pp; any number (not tied to the stage count)
     pp_virtual_stages: int = 1  # stages per rank (interleaved schedules: V ≥ 2)
     pp_fewer_layers_on_ends: bool = True  # first/last stage hold one layer fewer (embedding / head)
-    cp_impl: str = "allgather"  # the paper's all-gather K/V (the only one that runs on CPU)
+    cp_impl: Literal["allgather"] = "allgather"  # the paper's all-gather K/V
     sequence_parallel: bool = True  # with TP: norms and residuals sharded along the sequence
-    activation_checkpoint: str = "none"  # none | full | selective
-    compile: bool = False  # torch.compile each Transformer block
+    activation_checkpoint: Literal["none", "full", "selective"] = "none"  # of the plan's checkpoint units
+    compile: bool = False  # torch.compile each of the plan's compile units (Transformer blocks)
     float8: bool = False  # torchao float8 linear layers (Hopper GPUs)
     fsdp_reshard_after_forward: bool = True
-    param_dtype: str = "auto"  # FSDP compute dtype: auto (= train.dtype) | bf16 | fp32; master weights fp32
-    reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype (paper: fp32)
+    # FSDP compute dtype: auto (= train.dtype) | bf16 | fp32; master weights stay fp32
+    param_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"  # gradient reduce-scatter dtype (paper: fp32)
+
+    def degrees(self) -> dict[str, int]:
+        """The configured degree of each layout dimension (dp_shard = -1, the rest of the world, counts
+        as 1 here: the runtime checks again once it knows the world size)."""
+        return {"fsdp": max(self.dp_shard, 1), "hsdp": self.dp_replicate, "tp": self.tp, "cp": self.cp,
+                "pp": self.pp}  # fmt: skip
 
 
 @dataclass
@@ -75,13 +91,14 @@ class ScheduleConfig:
     """Linear warmup, then decay to `min_lr_ratio`·lr at the last step (Llama 3: cosine to 1%)."""
 
     warmup_steps: int = 2000
-    decay: str = "cosine"  # cosine | linear | constant
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.01
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | jsonl | parquet | text | tokens (`herd data tokenize` shards)
+    # synthetic | jsonl | parquet | text | tokens (`herd data tokenize` shards)
+    source: Literal["synthetic", "jsonl", "parquet", "text", "tokens"] = "synthetic"
     paths: list[str] = field(default_factory=list)
     text_field: str = "text"
     seq_len: int = 128
@@ -99,8 +116,8 @@ class TrainConfig:
     # from each listed step on, that many micro-batches make one optimizer step.
     grad_accum_ramp: list[list[int]] = field(default_factory=list)
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "fp32"  # fp32 | bf16 (autocast; master weights and optimizer state stay fp32)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast; master weights and optimizer state stay fp32
     run_dir: str = "runs/default"
     eval_every: int = 100
     eval_batches: int = 8
@@ -110,7 +127,7 @@ class TrainConfig:
 class CheckpointConfig:
     """Training checkpoints (torch.distributed.checkpoint, resumable on any mesh) and the final export."""
 
-    export_format: str = "meta"  # format of the final model export: meta | hf | none
+    export_format: Literal["meta", "hf", "none"] = "meta"  # format of the final model export
     interval: int = 0  # save every N steps; 0 = only at the end (if save_final)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted (≤ 0: keep all)
     async_save: bool = False  # write in a background thread; training resumes after the CPU copy
@@ -132,14 +149,14 @@ class VisionConfig:
     """Image adapter training (`herd train vision`): a frozen LLM, an image encoder, cross-attention."""
 
     llm: str | None = None  # checkpoint of the frozen LLM (Meta or Hugging Face layout)
-    encoder: str = "tiny"  # vision preset: vit_h14 | vit_h14_336 | vit_h14_metaclip | tiny
+    encoder: Literal[*VISION_PRESET_NAMES] = "tiny"  # type: ignore[valid-type]
     encoder_args: dict[str, Any] = field(default_factory=dict)
     encoder_weights: str | None = None  # open_clip / timm ViT checkpoint for the local transformer
     max_tiles: int = 1  # tiles per image (tile size = the encoder's image_size)
     cross_attention_every: int = 4  # a cross-attention layer after every N self-attention layers
     # qa (loss on the answer) | caption (loss on the caption) | mixed (half of each batch each: the
     # captions' every-object supervision speeds up learning to see, the questions teach answering)
-    objective: str = "qa"
+    objective: Literal["qa", "caption", "mixed"] = "qa"
     caption_every: int = 2  # mixed: rows 0, N, 2N, ... of each batch are captions, the rest questions
     train_manifest: str | None = None  # jsonl: {"image": path, "question", "answer" | "caption", ...}
     val_manifest: str | None = None
@@ -147,28 +164,51 @@ class VisionConfig:
 
 
 @dataclass
-class PostTrainConfig:
-    """Post-training (`herd train sft|rm|dpo|ppo`, paper §4): the model starts from `model.init_from`."""
+class PostDataConfig:
+    """The data of a post-training objective; the model starts from `model.init_from`."""
 
     train_data: str | None = None  # jsonl: dialogs (sft), preferences (rm, dpo) or prompts (ppo)
     val_data: str | None = None  # jsonl of the same kind; default: hold out `val_fraction` of train_data
     val_fraction: float = 0.1
-    pack: bool = True  # sft: several dialogs per sequence, kept apart by the document mask
-    # reward model: Bradley–Terry; "none" is Llama 3's (no margin), "small"/"large" Llama 2's m(r)
-    margin: str = "none"
-    # dpo (Llama 3: beta 0.1, NLL on the chosen response weighted 0.2, formatting tokens masked)
+
+
+@dataclass
+class SFTConfig(PostDataConfig):
+    """`herd train sft` (Llama 3 §4.1.3): loss on assistant tokens of chat dialogs."""
+
+    pack: bool = True  # several dialogs per sequence, kept apart by the document mask
+
+
+@dataclass
+class RewardModelConfig(PostDataConfig):
+    """`herd train rm` (Llama 2 §3.2.2, Llama 3 §4.1.2): Bradley–Terry on preference pairs."""
+
+    # "none" is Llama 3's (no margin), "small"/"large" Llama 2's m(r) by preference strength
+    margin: Literal["none", "small", "large"] = "none"
+
+
+@dataclass
+class DPOConfig(PostDataConfig):
+    """`herd train dpo` (Llama 3 §4.1.4: beta 0.1, NLL on the chosen reply weighted 0.2, format masked)."""
+
     beta: float = 0.1
     nll_weight: float = 0.2
     mask_format_tokens: bool = True
     reference: str | None = None  # frozen reference policy; default model.init_from
-    # ppo (Llama 2-Chat RLHF) and rejection sampling
+
+
+@dataclass
+class PPOConfig(PostDataConfig):
+    """`herd train ppo` (Llama 2-Chat RLHF); train_data holds the prompts."""
+
     reward_model: str | None = None  # a `herd train rm` export
+    reference: str | None = None  # frozen reference policy; default model.init_from
     kl_coef: float = 0.01  # KL penalty to the reference policy (Llama 2: 0.01 for 7B/34B, 0.005 for 70B)
-    ppo_clip: float = 0.2
-    ppo_epochs: int = 1  # optimizer steps on each rollout batch
+    clip: float = 0.2  # PPO's ratio clip
+    epochs: int = 1  # optimizer steps on each rollout batch
     value_coef: float = 0.5
     value_clip: float = 0.2  # clip of the value update around the rollout's values
-    value_init: str = "reward_model"  # the value head's start: reward_model (Llama 2) | policy
+    value_init: Literal["reward_model", "policy"] = "reward_model"  # the value head's start (Llama 2: RM)
     gamma: float = 1.0  # GAE discount
     gae_lambda: float = 0.95
     whiten_reward: bool = False  # Llama 2: whiten the logit of the RM score before the KL penalty
@@ -188,7 +228,10 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
-    post: PostTrainConfig = field(default_factory=PostTrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -225,6 +268,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if tp is Any:
         return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or type(value) is not type(choices[0]):
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -254,6 +302,12 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass `cls` from nested dicts, rejecting unknown keys with their full dotted name."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    if "post" in data and "post" not in names:
+        raise ConfigError(
+            "the [post] section was split into one section per objective: [sft], [rm], [dpo] and [ppo] "
+            "(post.train_data → sft.train_data / rm.train_data / ..., post.ppo_epochs → ppo.epochs, "
+            "post.ppo_clip → ppo.clip; see docs/training.md)"
+        )
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; known: {sorted(names)}")

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from herd.parallel.pipeline import split_layers, stage_ids_for_rank, validate_pipeline_config
-from herd.tasks.text import training_flops_per_token
 from herd.text.args import ModelArgs
 
 GiB = 2**30
@@ -346,8 +345,8 @@ def project_throughput(
     M = microbatches_per_step(lay, seq_len, global_batch_tokens, micro_batch)
     e, peak = DTYPE_BYTES[param_dtype], peak_tflops * 1e12
     tokens = global_batch_tokens / lay.world  # every GPU does 1/world of the step's work
-    attn = 12 * args.n_layers * args.dim * seq_len  # per token, as in training_flops_per_token
-    dense = training_flops_per_token(args, seq_len) - attn
+    attn = 12 * args.n_layers * args.dim * seq_len  # per token, as in ModelArgs.training_flops_per_token
+    dense = args.training_flops_per_token(seq_len) - attn
     if ac_mode == "full":  # one more forward of the blocks (the head is not checkpointed)
         dense, attn = dense + 2 * args.n_layers * layer_params(args), attn * 4 / 3
     compute = tokens * (dense / eff.gemm_efficiency + attn / (eff.gemm_efficiency * eff.attention_efficiency))
@@ -376,7 +375,7 @@ def project_throughput(
     sec["bubble"] = bubble * sum(sec.values())
     sec["dp"] = eff.dp_exposed * dp_bytes / (dp_bw * 1e9)
     step = sum(sec.values())
-    mfu = tokens * training_flops_per_token(args, seq_len) / (step * peak)
+    mfu = tokens * args.training_flops_per_token(seq_len) / (step * peak)
     return Throughput(tokens / step, mfu, step, M, bubble, sec)
 
 

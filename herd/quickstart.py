@@ -35,7 +35,7 @@ VISION_TRAIN_MIX = {"color": 4, "shape": 2, "count": 1, "position": 2}
 
 def evaluate_text_model(model, tokenizer) -> dict[str, Any]:
     """Greedy recall of every arithmetic fact of the corpus, and a few sample completions."""
-    from herd.data.synthetic_text import arithmetic_facts
+    from herd.data.synthetic.text import arithmetic_facts
     from herd.text.generation import SamplingParams, generate_text
 
     facts = arithmetic_facts()
@@ -53,9 +53,9 @@ def run_vision_stage(out: Path, llm_dir: Path, overrides: list[str], console: Co
     """Train the image adapter on the frozen text model; held-out accuracy per question type."""
     import torch
 
-    from herd.ask import save_vision_model
-    from herd.data.image_grid import save_image_grid
-    from herd.data.synthetic_shapes import chance_accuracy, write_shapes_dataset
+    from herd.adapters.multimodal_io import save_multimodal_model
+    from herd.data.synthetic.image_grid import save_image_grid
+    from herd.data.synthetic.shapes import chance_accuracy, write_shapes_dataset
     from herd.tasks.vision import VisionTask, evaluate_vqa
     from herd.text.loading import load_model
     from herd.trainer import train
@@ -68,7 +68,7 @@ def run_vision_stage(out: Path, llm_dir: Path, overrides: list[str], console: Co
          f"--vision.val_manifest={shapes / 'val.jsonl'}", f"--train.run_dir={out / 'vision'}", *overrides],
     )  # fmt: skip
     console.rule("[bold]herd quickstart · stage 2: vision adapter on the frozen LLM")
-    task = VisionTask(cfg)
+    task = VisionTask.from_config(cfg)
     result = train(cfg, task)
     model = result.model.eval()
     # the frozen LLM is untouched: the composed model's text-only logits equal the checkpoint's exactly
@@ -78,7 +78,7 @@ def run_vision_stage(out: Path, llm_dir: Path, overrides: list[str], console: Co
         text_only_unchanged = bool(torch.equal(model(probe), frozen(probe)))
     val = list(task.dataset("val", loop=False))
     report = evaluate_vqa(model, task, val)
-    model_dir = save_vision_model(model, llm_dir, cfg.vision.max_tiles, out / "vision_model")
+    model_dir = save_multimodal_model(model, llm_dir, cfg.vision.max_tiles, out / "vision_model")
     shown = val[:12]
     captions = [f"{s['question']} -> {a}" for s, a in zip(shown, report["answers"][:12])]
     save_image_grid([s["image"] for s in shown], captions, out / "examples.png", cols=4)
@@ -109,7 +109,7 @@ def run_quickstart(
         config or config_path("quickstart.toml"), [f"--train.run_dir={out / 'text'}", *(overrides or [])]
     )
     console.rule("[bold]herd quickstart · stage 1: text")
-    task = TextPretrainTask(cfg)
+    task = TextPretrainTask.from_config(cfg)
     console.print(
         f"corpus: {len(task.train_stream):,} training tokens, vocabulary subset of "
         f"{task.tokenizer.vocab_size} Llama 3 tokens; model {task.model_args.num_params():,} parameters"

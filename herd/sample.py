@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from herd.data.packed_text import SkippedRecords
+from herd.data.records import SkipCounter
 from herd.text.chat_format import ChatFormat, Message
 from herd.text.generation import Completion, SamplingParams, prompt_lengths, sample_next, split_completions
 
@@ -256,7 +256,7 @@ class RejectionRecord:
 
 
 def message_to_dict(message: Message, train: bool | None = None) -> dict[str, Any]:
-    """A message as the SFT reader (`herd.data.dialogs`) takes it."""
+    """A message as the SFT reader (`herd.data.training.dialogs`) takes it."""
     out: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.tool_calls:
         out["tool_calls"] = message.tool_calls
@@ -338,7 +338,7 @@ def parse_prompt_record(record: Any) -> list[Message]:
     raise ValueError('expected "messages" (a list) or "prompt" (a non-empty string)')
 
 
-def read_prompts(path: str | Path, skipped: SkippedRecords) -> list[tuple[str, list[Message]]]:
+def read_prompts(path: str | Path, skipped: SkipCounter) -> list[tuple[str, list[Message]]]:
     """(file:line, dialog) of every usable record; bad ones are counted in `skipped` with their file:line."""
     out = []
     with open(path, encoding="utf-8") as f:
@@ -349,7 +349,7 @@ def read_prompts(path: str | Path, skipped: SkippedRecords) -> list[tuple[str, l
             try:
                 out.append((where, parse_prompt_record(json.loads(line))))
             except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-                skipped.add(f"{where}: {e}")
+                skipped.add("bad_record", where, str(e))
     return out
 
 
@@ -390,8 +390,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from herd.tasks.reward import load_reward_model
     from herd.text.loading import load_pretrained
+    from herd.text.reward_model import load_reward_model
 
     if args.k < 1 or args.batch_prompts < 1 or args.max_new_tokens < 1:
         raise SystemExit("herd sample: --k, --batch-prompts and --max-new-tokens must be >= 1")
@@ -403,14 +403,16 @@ def run(args: argparse.Namespace) -> int:
     scorer = RewardModelScorer(reward_model, rm_tokenizer, args.rm_batch_size)
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
 
-    skipped = SkippedRecords()
+    skipped = SkipCounter()
     chat = ChatFormat(tokenizer)
     dialogs = []
     for where, dialog in read_prompts(args.prompts, skipped):
         n = len(chat.encode_dialog_prompt(dialog))
         if n + params.max_new_tokens > policy.args.max_seq_len:
             skipped.add(
-                f"{where}: prompt of {n} tokens + {params.max_new_tokens} new > {policy.args.max_seq_len}"
+                "too_long",
+                where,
+                f"prompt of {n} tokens + {params.max_new_tokens} new > {policy.args.max_seq_len}",
             )
             continue
         dialogs.append(dialog)

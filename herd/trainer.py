@@ -1,8 +1,13 @@
 """The one training loop of herd.
 
 Text pretraining and every adapter (and every post-training objective) run through `train()`; what
-differs is a `Task`: it builds the model, yields batches and computes a loss. Nothing here knows
-about tokens, images or audio.
+differs is a `Task` (`herd.task`): it builds the model, yields batches and computes a loss. Nothing
+here knows about tokens, images or audio.
+
+The loop is three separate pieces: `train_step` (one optimizer step: the task's per-step hook, forward
+and backward of the step's micro-batches, clipping, the update), `MetricsWindow` (sums between log
+steps: loss, targets, the task's extra metrics, throughput, MFU, skipped records) and the checkpoint
+cadence (`Checkpointer.due`).
 
 Loss normalisation: a step's micro-batches are fetched first and their target counts summed, and each
 micro-batch contributes `loss_sum / total_targets`; so gradient accumulation gives exactly the
@@ -16,10 +21,10 @@ import math
 import random
 import resource
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,42 +34,10 @@ from torch import nn
 from herd.config import JobConfig, grad_accum_at
 from herd.metrics import MetricsLogger
 from herd.optim import OptimizerGroup, describe_multipliers, multiplier_matches
-from herd.parallel.runtime import Runtime
+from herd.runtime import Runtime
+from herd.task import LossOutput, Task, check_task
 
-
-@dataclass
-class LossOutput:
-    loss_sum: torch.Tensor  # scalar: sum of per-target losses in the micro-batch
-    num_targets: int  # how many targets the sum covers
-    # summed auxiliary metrics (e.g. correctly ranked pairs); the loop sums them over ranks and a logging
-    # window and logs each divided by the window's targets (correct pairs / pairs = ranking accuracy)
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-class Task(Protocol):
-    """What a modality or objective plugs into the loop."""
-
-    def build_model(self) -> nn.Module:
-        """The model on the meta device (the loop parallelises, materialises, then calls init_weights)."""
-        ...
-
-    def init_weights(self, model: nn.Module) -> None:
-        """Fill a materialised model: random init, pretrained weights, frozen towers..."""
-        ...
-
-    def train_batches(self, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
-        """Batches of data-parallel rank `rank` of `world_size`; stateful (state_dict) to resume."""
-        ...
-
-    def val_batches(self) -> Iterable[dict[str, Any]] | None:
-        """Global validation batches (the loop splits them across ranks), or None."""
-        ...
-
-    def num_targets(self, batch: dict[str, Any]) -> int: ...
-
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput: ...
-
-    def flops_per_target(self) -> float | None: ...
+__all__ = ["LossOutput", "NonFiniteLossError", "TrainResult", "evaluate", "train", "train_step"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -80,6 +53,16 @@ class TrainResult:
     seconds: float
     history: list[dict[str, Any]]
     runtime: Any = None  # the Runtime (mesh, model parts) the run used
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)  # dataset → reason → records
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the global batch's targets
+    targets: int
+    grad_norm: float
+    lr: float
+    extra: dict[str, float]  # the task's summed auxiliary metrics
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,6 +88,68 @@ def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def train_step(
+    runtime: Runtime,
+    task: Task,
+    optim: OptimizerGroup,
+    micro: list[dict[str, Any]],
+    params: list[nn.Parameter],
+    grad_clip: float,
+) -> StepResult:
+    """One optimizer step over `micro` (this rank's micro-batches, on the device): the task's per-step
+    hook (PPO samples its rollouts there), forward + backward on the layout, clipping, the update."""
+    task.before_step(runtime.parts[0], micro)
+    loss, targets = runtime.forward_backward(micro)
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"loss became {loss}")
+    grad_norm = runtime.clip_grad_norm(params, grad_clip)
+    lr = optim.lr()
+    optim.step()
+    return StepResult(loss, targets, grad_norm, lr, dict(runtime.last_extra))
+
+
+def skip_table(task: Task) -> dict[str, dict[str, int]]:
+    """{dataset: {reason: records}} of what the task's datasets skipped so far."""
+    return {name: dict(counter.counts) for name, counter in task.skip_counts().items() if counter.total}
+
+
+class MetricsWindow:
+    """Sums between two log steps; `record()` turns them into one metrics record and starts over."""
+
+    def __init__(self, flops_per_target: float | None, peak_tflops: float | None, world: int) -> None:
+        self.flops_per_target, self.peak_tflops, self.world = flops_per_target, peak_tflops, world
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss, self.targets, self.extra, self.start = 0.0, 0, {}, time.perf_counter()
+
+    def add(self, step: StepResult) -> None:
+        self.loss += step.loss * step.targets
+        self.targets += step.targets
+        for key, value in step.extra.items():
+            self.extra[key] = self.extra.get(key, 0.0) + value
+
+    def record(self, last: StepResult, device: torch.device, skipped: dict[str, dict[str, int]]) -> dict:
+        elapsed = time.perf_counter() - self.start
+        targets = max(self.targets, 1)
+        out: dict[str, Any] = {
+            "loss": self.loss / targets,
+            "grad_norm": last.grad_norm,
+            "lr": last.lr,
+            "targets_per_s": self.targets / max(elapsed, 1e-9),
+        }
+        out.update({k: v / targets for k, v in self.extra.items()})
+        if self.flops_per_target and self.peak_tflops:
+            achieved = self.flops_per_target * out["targets_per_s"] / self.world
+            out["mfu"] = achieved / (self.peak_tflops * 1e12)
+        out["peak_mem_gib"] = peak_memory_gib(device)
+        for name, reasons in skipped.items():  # bad records: never a silent drop
+            out[f"skipped/{name}"] = float(sum(reasons.values()))
+            out.update({f"skipped/{name}/{reason}": float(n) for reason, n in sorted(reasons.items())})
+        self._reset()
+        return out
+
+
 @torch.no_grad()
 def evaluate(runtime: Runtime, task: Task, cfg: JobConfig) -> dict[str, float] | None:
     """Mean loss over at most `train.eval_batches` global validation batches, on every layout."""
@@ -127,6 +172,7 @@ def evaluate(runtime: Runtime, task: Task, cfg: JobConfig) -> dict[str, float] |
 def train(cfg: JobConfig, task: Task, show_progress: bool = True) -> TrainResult:
     """Run `cfg.train.steps` optimizer steps of `task` under `cfg.parallel`'s layout (one process or
     a torchrun job); returns the trained model parts and a summary."""
+    check_task(task)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     runtime = Runtime(cfg, task, device)
@@ -139,8 +185,8 @@ def train(cfg: JobConfig, task: Task, show_progress: bool = True) -> TrainResult
         found = multiplier_matches(named_params, cfg.optimizer.lr_multipliers)
         for line in describe_multipliers(found, cfg.optimizer.lr_multipliers):
             logger.console.print(line, highlight=False, soft_wrap=True)
-    batches = task.train_batches(rank=runtime.dp_rank, world_size=runtime.dims.dp)
-    flops_per_target = task.flops_per_target()
+    batches: Iterator[dict[str, Any]] = task.train_batches(rank=runtime.dp_rank, world_size=runtime.dims.dp)
+    window = MetricsWindow(task.flops_per_target(), cfg.metrics.peak_tflops, runtime.world)
 
     checkpointer = _checkpointer(cfg, run_dir)
     start_step = 0
@@ -151,8 +197,6 @@ def train(cfg: JobConfig, task: Task, show_progress: bool = True) -> TrainResult
             logger.console.print(f"resumed from step {loaded} ({checkpointer.latest()})")
 
     history: list[dict[str, Any]] = []
-    window_loss, window_targets, window_start = 0.0, 0, time.perf_counter()
-    window_extra: dict[str, float] = {}
     start = time.perf_counter()
     last_loss, val_loss = float("nan"), None
     progress = Progress(
@@ -169,41 +213,21 @@ def train(cfg: JobConfig, task: Task, show_progress: bool = True) -> TrainResult
         bar = progress.add_task("train", total=cfg.train.steps, completed=start_step, loss="-")
         for step in range(start_step + 1, cfg.train.steps + 1):
             micro = [move_to(next(batches), device) for _ in range(grad_accum_at(cfg.train, step))]
-            step_loss, step_targets = runtime.forward_backward(micro)
-            if not math.isfinite(step_loss):
+            try:
+                result = train_step(runtime, task, optim, micro, params, cfg.optimizer.grad_clip)
+            except NonFiniteLossError as e:
                 last_good = checkpointer.latest() if checkpointer is not None else None
                 logger.close()
                 raise NonFiniteLossError(
-                    f"loss became {step_loss} at step {step} (run dir {run_dir}); last good checkpoint: "
-                    f"{last_good or 'none written'}"
-                )
-            grad_norm = runtime.clip_grad_norm(params, cfg.optimizer.grad_clip)
-            lr = optim.lr()
-            optim.step()
-
-            last_loss = step_loss
-            window_loss += step_loss * step_targets
-            window_targets += step_targets
-            for key, value in runtime.last_extra.items():
-                window_extra[key] = window_extra.get(key, 0.0) + value
-            progress.update(bar, advance=1, loss=f"{step_loss:.3f}")
+                    f"{e} at step {step} (run dir {run_dir}); last good checkpoint: {last_good or 'none written'}"
+                ) from None
+            last_loss = result.loss
+            window.add(result)
+            progress.update(bar, advance=1, loss=f"{result.loss:.3f}")
             if step % cfg.metrics.log_every == 0 or step == cfg.train.steps:
-                elapsed = time.perf_counter() - window_start
-                record: dict[str, Any] = {
-                    "loss": window_loss / max(window_targets, 1),
-                    "grad_norm": grad_norm,
-                    "lr": lr,
-                    "targets_per_s": window_targets / max(elapsed, 1e-9),
-                }
-                record.update({k: v / max(window_targets, 1) for k, v in window_extra.items()})
-                if flops_per_target and cfg.metrics.peak_tflops:
-                    achieved = flops_per_target * record["targets_per_s"] / runtime.world
-                    record["mfu"] = achieved / (cfg.metrics.peak_tflops * 1e12)
-                record["peak_mem_gib"] = peak_memory_gib(device)
+                record = window.record(result, device, skip_table(task))
                 logger.log(step, record)
                 history.append({"step": step, **record})
-                window_loss, window_targets, window_start = 0.0, 0, time.perf_counter()
-                window_extra = {}
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                 val = evaluate(runtime, task, cfg)
                 if val is not None:
@@ -212,18 +236,24 @@ def train(cfg: JobConfig, task: Task, show_progress: bool = True) -> TrainResult
                     history.append({"step": step, "split": "val", **val})
             if checkpointer is not None and checkpointer.due(step, cfg.train.steps):
                 checkpointer.save(
-                    step, runtime.parts, optim.optimizers, optim.scheduler, batches, _model_args(task)
+                    step, runtime.parts, optim.optimizers, optim.scheduler, batches, task.model_args
                 )
     if checkpointer is not None:
         checkpointer.close()
     seconds = time.perf_counter() - start
+    skipped = skip_table(task)
+    if runtime.is_logging_rank:
+        summary = "; ".join(
+            f"{name}: {sum(r.values())} ({', '.join(f'{k} {v}' for k, v in sorted(r.items()))})"
+            for name, r in skipped.items()
+        )
+        logger.console.print(
+            f"[yellow]skipped records: {summary}" if skipped else "no record skipped", highlight=False
+        )
     logger.close()
-    return TrainResult(runtime.parts[0], last_loss, val_loss, cfg.train.steps, seconds, history, runtime)
-
-
-def _model_args(task: Task) -> dict[str, Any] | None:
-    args = getattr(task, "model_args", None)
-    return args.to_dict() if args is not None else None
+    return TrainResult(
+        runtime.parts[0], last_loss, val_loss, cfg.train.steps, seconds, history, runtime, skipped
+    )
 
 
 def _checkpointer(cfg: JobConfig, run_dir: Path):

@@ -75,6 +75,14 @@ class ModelArgs:
         total = self.n_layers * per_layer + d + out
         return total + (emb if include_embedding else 0)
 
+    def training_flops_per_token(self, seq_len: int) -> float:
+        """6·N (dense matmuls, forward + backward) + 12·L·D·T (causal attention scores and values), as in
+        the PaLM/torchtitan accounting; embeddings are a lookup, not a matmul, and are excluded."""
+        n_matmul = self.num_params(include_embedding=False)
+        if self.tie_embeddings:  # the head reuses the embedding matrix: it is a matmul all the same
+            n_matmul += self.vocab_size * self.dim
+        return 6 * n_matmul + 12 * self.n_layers * self.dim * seq_len
+
     # --- Meta params.json -------------------------------------------------------------------------
     @classmethod
     def from_meta_params(cls, params: dict[str, Any], **overrides: Any) -> ModelArgs:

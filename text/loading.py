@@ -158,6 +158,36 @@ def load_pretrained(
     return model, load_tokenizer(path, vocab_size=model.args.vocab_size)
 
 
+def save_text_model(
+    state_dict: dict[str, torch.Tensor],
+    args: ModelArgs,
+    tokenizer: Any,
+    out_dir: str | PathLike,
+    fmt: Literal["meta", "hf", "none"] = "meta",
+) -> Path | None:
+    """Write a model where `load_pretrained` reads it, with the tokenizer it was trained with: weights in
+    Meta or Hugging Face layout, `tokenizer.model`, and `vocab_subset.json` for a trimmed vocabulary.
+    `fmt` "none" writes nothing (returns None)."""
+    if fmt == "none":
+        return None
+    out = Path(out_dir)
+    if fmt == "meta":
+        save_meta_checkpoint(out, args, state_dict, overwrite=True)
+    elif fmt == "hf":
+        save_hf_checkpoint(out, args, state_dict, overwrite=True)
+    else:
+        raise ValueError(f"checkpoint.export_format must be meta, hf or none, got {fmt!r}")
+    from herd.text.vocab_subset import SubsetTokenizer
+
+    if isinstance(tokenizer, SubsetTokenizer):
+        tokenizer.save(out)
+        tokenizer = tokenizer.base
+    tok_file = getattr(tokenizer, "path", None)
+    if tok_file is not None and Path(tok_file).is_file():
+        shutil.copy2(tok_file, out / "tokenizer.model")
+    return out
+
+
 # --- conversion ----------------------------------------------------------------------------------------
 @dataclass
 class ConvertResult:
@@ -253,4 +283,5 @@ __all__ = [
     "load_pretrained",
     "model_from_state_dict",
     "parse_dtype",
+    "save_text_model",
 ]

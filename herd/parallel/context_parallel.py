@@ -8,7 +8,9 @@ GQA — and attends its local queries to the whole sequence's keys. The causal +
 from *absolute positions*, gathered the same way (see `herd.text.model.causal_document_mask`), so the
 gathered keys need no reordering: rank r's block simply lands at [r·T_local, (r+1)·T_local).
 
-Usage in a training step (the model stays a plain single-device `Llama`; only `kv_gather` is set)::
+The model declares where its attention gathers: every module with a `kv_gather` attribute (herd's `Llama`
+has one and hands it to its attention layers); `apply_context_parallel` sets it, nothing else changes.
+Usage in a training step (the model stays a plain single-device module; only `kv_gather` is set)::
 
     apply_context_parallel(model, mesh["cp"])          # once, after building the model
     local = shard_batch_for_cp(batch, cp_rank, cp)     # every step
@@ -36,8 +38,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-
-from herd.text.model import Llama
 
 Group = Any  # a ProcessGroup, or a 1-D DeviceMesh (e.g. mesh["cp"])
 
@@ -150,17 +150,20 @@ def gather_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
 # --- applying it to a model -----------------------------------------------------------------------
 
 
-def _llamas(model: nn.Module) -> list[Llama]:
-    found = [m for m in model.modules() if isinstance(m, Llama)]
+def context_parallel_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` whose attention can gather keys and values: those with a `kv_gather`."""
+    found = [m for m in model.modules() if hasattr(m, "kv_gather")]
     if not found:
         raise TypeError(
-            f"{type(model).__name__} holds no herd.text.model.Llama to apply context parallelism to"
+            f"{type(model).__name__} holds no module with context-parallel attention (a `kv_gather` "
+            "attribute, as herd.text.Llama has)"
         )
     return found
 
 
 def apply_context_parallel(model: nn.Module, cp_group: Group) -> None:
-    """Make every `Llama` inside `model` attend over the whole sequence gathered from `cp_group`.
+    """Make every context-parallel attention inside `model` attend over the whole sequence gathered
+    from `cp_group`.
 
     Afterwards the model must be called with `positions=` (from `shard_batch_for_cp`) on every rank of
     the group, in lockstep: each attention layer runs two all-gathers (K, V) forward and two
@@ -174,19 +177,20 @@ def apply_context_parallel(model: nn.Module, cp_group: Group) -> None:
     def kv_gather(x: torch.Tensor) -> torch.Tensor:
         return gather_sequence(x, pg)  # (B, T_local, ...) → (B, S, ...)
 
-    for llama in _llamas(model):
-        llama.kv_gather = kv_gather
+    for module in context_parallel_modules(model):
+        module.kv_gather = kv_gather
 
 
 def remove_context_parallel(model: nn.Module) -> None:
     """Undo `apply_context_parallel`: the model runs on its local tokens alone again."""
-    for llama in _llamas(model):
-        llama.kv_gather = None
+    for module in context_parallel_modules(model):
+        module.kv_gather = None
 
 
 __all__ = [
     "GatherSequence",
     "apply_context_parallel",
+    "context_parallel_modules",
     "gather_sequence",
     "load_balanced_positions",
     "remove_context_parallel",

@@ -1,27 +1,35 @@
-"""Pipeline parallelism (paper §3.3.2) on `torch.distributed.pipelining`.
+"""Pipeline parallelism (paper §3.3.2) on `torch.distributed.pipelining`, for any model with a plan.
 
-A meta-device `Llama` is cut into `pp × V` stages of contiguous layers; rank r of the pipeline group
-holds stages r, r+pp, ... (loop style, interleaved schedules) or r and 2pp-1-r (V style, ZBV). As in
-the paper, the number of microbatches is free (not tied to the stage count) and the first and last
-stages hold one Transformer layer fewer, since they also carry the embedding / the head and loss.
+A meta-device model is cut into `pp × V` stages of contiguous *units* (the plan's `PipelineSplit`: a
+Llama's Transformer blocks; the image adapter's cross-attention layer with the self-attention layers
+before it); rank r of the pipeline group holds stages r, r+pp, ... (loop style, interleaved schedules)
+or r and 2pp-1-r (V style, ZBV). As in the paper, the number of microbatches is free (not tied to the
+stage count) and the first and last stages hold one layer fewer, since they also carry the embedding /
+the head and loss.
+
+The loss is the task's: the first stage takes the model's positional inputs (`task.inputs(batch)`),
+every stage its keyword inputs (split by microbatch along the rows, as torch's schedules do), and the
+last stage hands its output to `task.loss_from_output(output, rows of the batch)`, the same function
+`task.loss` applies on one device. The rows reach the loss through torch's `target` (the row indices
+0..B-1, split like the inputs), so any batch layout works, not only (tokens, labels).
 
 Design notes:
-- Stage modules stay `Llama`s (class `LlamaStage`) with the other layers deleted from the `ModuleDict`,
-  so their FQNs are the checkpoint's ("layers.7.attention.wq.weight") and FSDP/TP/AC apply unchanged;
-  the stage itself (not a wrapper) goes into `PipelineStage`, whose FSDP no-sync logic needs that.
-- Document masks: torch's schedules pass the `step()` kwargs to *every* local stage
-  (`forward_one_chunk(i, args, kwargs)`), split by microbatch like the inputs; only positional args
-  are stage-0-only. Every rank of a pipeline group holds the same local batch (data is sharded over
-  DP only), so each rank passes `document_ids=` itself and no integer tensor travels between stages.
+- Stage modules keep the model's FQNs ("layers.7.attention.wq.weight"), so FSDP/TP/AC apply unchanged
+  and checkpoints load; the stage itself (not a wrapper) goes into `PipelineStage`, whose FSDP no-sync
+  logic needs that.
+- Keyword inputs (document masks, images) are passed on every rank of a pipeline group: all of them hold
+  the same local batch (data is sharded over DP only), so no integer tensor travels between stages.
   (Sending them with the activations does not work: torch marks every received buffer
-  `requires_grad`, which integer tensors refuse, and expects a gradient back for each.)
-- Tied embeddings (Llama 3.2 1B/3B) are refused: the last stage would need a second copy of the
-  embedding matrix with its gradient all-reduced against stage 0's; those models never need PP.
+  `requires_grad`, which integer tensors refuse, and expects a gradient back for each.) Every keyword
+  tensor is per row (B, ...); context parallelism's `positions` (T,), shared by the rows, is expanded
+  to (B, T) so that torch can split it, and stages read its first row.
+- Modules the plan replicates on every stage (the image encoder) get their gradients summed over the
+  pipeline group by the runtime (`replicated_parameters`).
 """
 
 from __future__ import annotations
 
-import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -35,11 +43,12 @@ from torch.distributed.pipelining.schedules import (
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
+    ScheduleLoopedBFS,
     ScheduleZBVZeroBubble,
 )
 
 from herd.config import ParallelConfig
-from herd.text.model import Llama
+from herd.parallel.plan import PipelineSplit
 
 SINGLE_STAGE_SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B}
 MULTI_STAGE_SCHEDULES = {
@@ -86,6 +95,36 @@ def split_layers(n_layers: int, n_stages: int, fewer_on_ends: bool) -> list[list
     return [list(range(bounds[s], bounds[s + 1])) for s in range(n_stages)]
 
 
+def split_units(unit_sizes: list[int], n_stages: int, fewer_on_ends: bool) -> list[list[int]]:
+    """Contiguous unit ids per stage, units of `unit_sizes` layers each (the plan's split rule).
+
+    All units of size 1 (a Llama's blocks): exactly `split_layers`. Otherwise each stage boundary goes to
+    the unit boundary nearest the layer count `split_layers` would put there, so stages hold whole units
+    (a cross-attention layer stays with the self-attention layers before it) and balance layers.
+    """
+    if all(size == 1 for size in unit_sizes):
+        return split_layers(len(unit_sizes), n_stages, fewer_on_ends)
+    n = len(unit_sizes)
+    ideal = [len(stage) for stage in split_layers(sum(unit_sizes), n_stages, fewer_on_ends)]
+    done = [sum(unit_sizes[:c]) for c in range(n + 1)]  # layers before unit c
+    # cut[s] = the first unit of stage s + 1; ends may be empty with fewer_on_ends, middles may not
+    cuts, target, prev = [], 0, 0
+    for s in range(n_stages - 1):
+        target += ideal[s]
+        lo = prev + (0 if s == 0 and fewer_on_ends else 1)
+        hi = n - (n_stages - 2 - s) - (0 if fewer_on_ends else 1)  # room for the later stages
+        if lo > hi:
+            raise ValueError(
+                f"cannot split {n} pipeline units over {n_stages} stages: middle stages would be empty; "
+                "use fewer stages"
+            )
+        cut = min(range(lo, hi + 1), key=lambda c: (abs(done[c] - target), c))
+        cuts.append(cut)
+        prev = cut
+    bounds = [0, *cuts, n]
+    return [list(range(bounds[s], bounds[s + 1])) for s in range(n_stages)]
+
+
 def stage_ids_for_rank(pp_rank: int, pp: int, virtual: int, schedule: str) -> list[int]:
     """The global stage ids rank `pp_rank` holds: loop style r, r+pp, ... or V style r, 2pp-1-r."""
     if schedule in V_SHAPED_SCHEDULES:
@@ -128,86 +167,6 @@ def validate_pipeline_config(schedule: str, pp: int, virtual: int, n_microbatche
         raise ValueError(f"ZBVZeroBubble needs parallel.pp_virtual_stages = 2, got {virtual}")
 
 
-# --- stage modules ---------------------------------------------------------------------------------
-class LlamaStage(Llama):
-    """A `Llama` holding only some layers; `forward(x, document_ids)` runs this stage's share.
-
-    x is the token ids (B, T) on the first stage, the previous stage's hidden states (B, T, D)
-    elsewhere; returns hidden states, or logits (B, T, V) on the last stage.
-    """
-
-    stage_id: int  # set by build_stage_module
-
-    def forward(  # type: ignore[override]
-        self,
-        x: torch.Tensor,
-        document_ids: torch.Tensor | None = None,  # (B, T) int
-        positions: torch.Tensor | None = None,  # (B, T), rows equal: context parallelism's positions
-    ) -> torch.Tensor:
-        if self.tok_embeddings is not None:
-            h = self.embed(x)
-        else:
-            h = x
-            # The received buffer must be an autograd leaf that requires grad, or no gradient goes back
-            # to the previous stage. torch marks it only if the first run of this shape had a backward.
-            if torch.is_grad_enabled() and h.is_leaf and not h.requires_grad:
-                h.requires_grad_(True)
-        pos = positions[0] if positions is not None else None  # (B, T) so the schedule can split it
-        # The length comes from the inputs, not from h: under sequence parallelism the activations
-        # are split along the sequence (as in Llama.forward_hidden).
-        if self.tok_embeddings is not None:
-            length = x.shape[1]
-        elif document_ids is not None:
-            length = document_ids.shape[1]
-        else:
-            length = pos.shape[0] if pos is not None else h.shape[1]
-        ctx = self.attention_context(length, 0, document_ids, pos, h.device)
-        for layer in self.layers.values():
-            h = layer(h, ctx)
-        if self.output is None:  # not the last stage (tied embeddings are refused, see the module doc)
-            return h
-        return self.output(self.norm(h))
-
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        super().init_weights()
-        # Llama.init_weights picks the embedding std from `self.output` (1.0 untied, 0.02 tied); stage 0
-        # has no output projection, so it would take the tied model's std.
-        if self.tok_embeddings is not None and not self.args.tie_embeddings:
-            nn.init.normal_(self.tok_embeddings.weight, std=1.0)
-
-
-def build_stage_module(
-    model: Llama, stage_id: int, n_stages: int, layer_split: list[list[int]]
-) -> LlamaStage:
-    """A copy of `model` (build it on the meta device: nothing is allocated) keeping only stage
-    `stage_id`'s layers, the embedding on stage 0 and the final norm + output on the last stage."""
-    if type(model) is not Llama:
-        raise TypeError(f"pipeline stages are cut from a plain herd.text.Llama, got {type(model).__name__}")
-    if model.args.tie_embeddings and n_stages > 1:
-        raise ValueError(
-            "tie_embeddings (Llama 3.2 1B/3B) is not supported with pipeline parallelism: the last stage "
-            "would need the embedding matrix too. These models fit without PP; use FSDP/TP instead"
-        )
-    if len(layer_split) != n_stages or not 0 <= stage_id < n_stages:
-        raise ValueError(
-            f"stage {stage_id} of {n_stages} does not fit a split into {len(layer_split)} stages"
-        )
-    keep = {str(i) for i in layer_split[stage_id]}
-    stage = copy.deepcopy(model)
-    for name in list(stage.layers.keys()):
-        if name not in keep:
-            del stage.layers[name]  # the remaining keys keep their global ids: checkpoint FQNs
-    if stage_id != 0:
-        stage.tok_embeddings = None
-    if stage_id != n_stages - 1:
-        stage.norm = None
-        stage.output = None
-    stage.__class__ = LlamaStage  # same state, stage forward; still an instance of Llama
-    stage.stage_id = stage_id
-    return stage
-
-
 def default_materialize(device: torch.device) -> Callable[[nn.Module], None]:
     """`to_empty(device)` + `init_weights()` of a stage module, seeded per stage (see below)."""
 
@@ -224,8 +183,31 @@ def default_materialize(device: torch.device) -> Callable[[nn.Module], None]:
 
 
 # --- the runtime -----------------------------------------------------------------------------------
+def rows_of(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """The microbatch of `batch` at row indices `rows`: every per-row tensor (B, ...) sliced; shared
+    entries (`positions`, non-tensors) kept."""
+    B = batch_rows(batch)
+    return {
+        k: v.index_select(0, rows.to(v.device))
+        if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == B and k != "positions"
+        else v
+        for k, v in batch.items()
+    }
+
+
+def batch_rows(batch: dict[str, Any]) -> int:
+    """B of a batch: the leading dimension of its first per-row tensor."""
+    for k, v in batch.items():
+        if torch.is_tensor(v) and v.dim() >= 1 and k != "positions":
+            return int(v.shape[0])
+    raise ValueError(f"the batch holds no per-row tensor (keys: {sorted(batch)})")
+
+
 class PipelineRuntime:
-    """This rank's stage modules plus the schedule that runs them; see `build_pipeline`."""
+    """This rank's stage modules plus the schedules that run them; see `build_pipeline`.
+
+    `task` is anything with `inputs(batch) -> (args, kwargs)` and `loss_from_output(output, batch)`
+    returning an object with `loss_sum` and `extra` (a `herd.task.Task`)."""
 
     def __init__(
         self,
@@ -236,7 +218,7 @@ class PipelineRuntime:
         device: torch.device,
         schedule_name: str,
         n_microbatches: int,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        task: Any,
     ) -> None:
         self.modules = modules
         self.stage_ids = stage_ids
@@ -247,109 +229,140 @@ class PipelineRuntime:
         self.n_microbatches = n_microbatches
         self.has_first_stage = 0 in stage_ids
         self.has_last_stage = n_stages - 1 in stage_ids
-        self._loss_fn = loss_fn
+        self.task = task
+        self._batch: dict[str, Any] | None = None  # the batch whose microbatches the loss slices
         self._loss_scale = 1.0
         self._mb_losses: list[torch.Tensor] = []
+        self._mb_extra: dict[str, float] = {}
         # Stages fix their p2p buffer shapes at the first run; a batch of another shape (e.g. eval)
         # gets its own stages + schedule over the same modules, built on first use.
-        self._by_shape: dict[tuple[int, ...], tuple[list[PipelineStage], Any]] = {}
-        self._first_shape: tuple[int, ...] | None = None
-        self.stages, self.schedule = self._build()  # used by the first batch shape
+        self._schedules: dict[tuple, tuple[list[PipelineStage], Any]] = {}
 
-    def _build(self) -> tuple[list[PipelineStage], Any]:
+    def _build(self, n_microbatches: int, forward_only: bool) -> tuple[list[PipelineStage], Any]:
         stages = [
             PipelineStage(m, sid, self.n_stages, self.device, group=self.group)
             for m, sid in zip(self.modules, self.stage_ids)
         ]
-        kwargs: dict[str, Any] = dict(n_microbatches=self.n_microbatches, loss_fn=self._scaled_loss)
         # scale_grads=False: the loss is already a sum times the caller's 1/total_targets.
+        kwargs: dict[str, Any] = dict(n_microbatches=n_microbatches, loss_fn=self._loss, scale_grads=False)
+        if forward_only:  # evaluation: any microbatch count, no backward
+            if len(stages) == 1:
+                return stages, ScheduleGPipe(stages[0], **kwargs)
+            return stages, ScheduleLoopedBFS(stages, **kwargs)
         if self.schedule_name in SINGLE_STAGE_SCHEDULES:
-            schedule = SINGLE_STAGE_SCHEDULES[self.schedule_name](stages[0], scale_grads=False, **kwargs)
-        else:
-            schedule = MULTI_STAGE_SCHEDULES[self.schedule_name](stages, scale_grads=False, **kwargs)
-        return stages, schedule
+            return stages, SINGLE_STAGE_SCHEDULES[self.schedule_name](stages[0], **kwargs)
+        return stages, MULTI_STAGE_SCHEDULES[self.schedule_name](stages, **kwargs)
 
-    def _scaled_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss_sum = self._loss_fn(logits, labels)
-        self._mb_losses.append(loss_sum.detach())
-        return loss_sum * self._loss_scale
+    def _loss(self, output: Any, rows: torch.Tensor) -> torch.Tensor:
+        """torch's loss_fn on the last stage: the task's loss of this microbatch's rows."""
+        assert self._batch is not None
+        out = self.task.loss_from_output(output, rows_of(self._batch, rows))
+        self._mb_losses.append(out.loss_sum.detach())
+        for key, value in out.extra.items():
+            self._mb_extra[key] = self._mb_extra.get(key, 0.0) + float(value)
+        return out.loss_sum * self._loss_scale
 
-    def _schedule_for(self, batch: dict[str, Any]) -> tuple[list[PipelineStage], Any]:
-        ref = batch["document_ids"] if batch.get("document_ids") is not None else batch["tokens"]
-        shape = tuple(ref.shape)
-        if shape[0] % self.n_microbatches:
+    def _schedule_for(
+        self, args: tuple, kwargs: dict[str, Any], rows: int, n_microbatches: int, forward_only: bool
+    ) -> tuple[list[PipelineStage], Any]:
+        if rows % n_microbatches:
             raise ValueError(
-                f"{self.n_microbatches} pipeline microbatches do not divide the local batch of {shape[0]} "
+                f"{n_microbatches} pipeline microbatches do not divide the local batch of {rows} "
                 "sequences; set parallel.pp_microbatches to a divisor of it"
             )
-        if self._first_shape is None:
-            self._first_shape = shape
-        if shape == self._first_shape:
-            return self.stages, self.schedule
-        if shape not in self._by_shape:
-            self._by_shape[shape] = self._build()
-        return self._by_shape[shape]
+        shapes = tuple((k, tuple(v.shape)) for k, v in sorted(kwargs.items()) if torch.is_tensor(v))
+        key = (tuple(tuple(a.shape) for a in args if torch.is_tensor(a)), shapes, rows, n_microbatches,
+               forward_only)  # fmt: skip
+        if key not in self._schedules:
+            self._schedules[key] = self._build(n_microbatches, forward_only)
+        return self._schedules[key]
 
-    def _inputs(self, batch: dict[str, Any]) -> tuple[tuple, dict[str, torch.Tensor], torch.Tensor | None]:
+    def _inputs(self, batch: dict[str, Any]) -> tuple[tuple, dict[str, Any], torch.Tensor | None, int]:
+        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        self._batch = batch
+        rows = batch_rows(batch)
+        args, kwargs = self.task.inputs(batch)
+        kwargs = dict(kwargs)
+        positions = kwargs.get("positions")
+        if positions is not None and positions.dim() == 1:  # shared by the rows: expand so it splits
+            kwargs["positions"] = positions.expand(rows, -1)
         # Positional args reach stage 0 only; kwargs reach every stage (split per microbatch).
-        args = (batch["tokens"].to(self.device),) if self.has_first_stage else ()
-        kwargs: dict[str, torch.Tensor] = {}
-        if batch.get("document_ids") is not None:
-            kwargs["document_ids"] = batch["document_ids"].to(self.device)
-        if batch.get("positions") is not None:  # (T,) shared by the rows: expanded so it splits by row
-            B, T = batch["tokens"].shape
-            kwargs["positions"] = batch["positions"].to(self.device).expand(B, T)
-        target = batch["labels"].to(self.device) if self.has_last_stage else None
-        return args, kwargs, target
+        args = tuple(args) if self.has_first_stage else ()
+        target = torch.arange(rows, device=self.device) if self.has_last_stage else None
+        return args, kwargs, target, rows
 
-    def _total(self) -> torch.Tensor | None:
+    def _collect(self, n_microbatches: int) -> tuple[torch.Tensor | None, dict[str, float]]:
         losses, self._mb_losses = self._mb_losses, []
+        extra, self._mb_extra = self._mb_extra, {}
+        self._batch = None
         if not self.has_last_stage:
-            return None
-        if len(losses) != self.n_microbatches:
-            raise RuntimeError(f"expected {self.n_microbatches} microbatch losses, got {len(losses)}")
-        return torch.stack(losses).sum()
+            return None, {}
+        if len(losses) != n_microbatches:
+            raise RuntimeError(f"expected {n_microbatches} microbatch losses, got {len(losses)}")
+        return torch.stack(losses).sum(), extra
 
     def step(self, batch: dict[str, Any], loss_scale: float) -> torch.Tensor | None:
         """Forward + backward of the local batch (every pipeline rank passes the same one); gradients
-        of `sum of CE × loss_scale` accumulate into the stage parameters. Returns the unscaled summed
-        loss on ranks holding the last stage, else None."""
-        _, schedule = self._schedule_for(batch)
-        args, kwargs, target = self._inputs(batch)
+        of `sum of the task's loss × loss_scale` accumulate into the stage parameters. Returns the
+        unscaled summed loss on ranks holding the last stage, else None (`last_extra`: the task's
+        summed auxiliary metrics there)."""
+        args, kwargs, target, rows = self._inputs(batch)
+        _, schedule = self._schedule_for(args, kwargs, rows, self.n_microbatches, forward_only=False)
         self._loss_scale = loss_scale
-        self._mb_losses = []
         schedule.step(*args, target=target, return_outputs=False, **kwargs)
-        return self._total()
+        loss, self.last_extra = self._collect(self.n_microbatches)
+        return loss
 
     @torch.no_grad()
-    def eval_loss(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        """Summed loss of the batch, forward only (torch's `schedule.eval`); None off the last stage."""
-        stages, schedule = self._schedule_for(batch)
-        args, kwargs, target = self._inputs(batch)
-        self._mb_losses = []
-        # eval() forwards extra keywords to step(): return_outputs=False keeps no logits around.
+    def eval_loss(self, batch: dict[str, Any], n_microbatches: int | None = None) -> torch.Tensor | None:
+        """Summed loss of the batch, forward only; None off the last stage. `n_microbatches` (default the
+        training count) may be anything that divides the batch: ragged validation batches use fewer."""
+        n_mb = n_microbatches or self.n_microbatches
+        args, kwargs, target, rows = self._inputs(batch)
+        stages, schedule = self._schedule_for(args, kwargs, rows, n_mb, forward_only=True)
+        self._loss_scale = 1.0
+        # eval() forwards extra keywords to step(): return_outputs=False keeps no outputs around.
         schedule.eval(*args, target=target, return_outputs=False, **kwargs)
         for stage in stages:  # eval never pops the cached activations; the next step would
             stage.clear_runtime_states()
-        return self._total()
+        return self._collect(n_mb)[0]
+
+
+def eval_microbatches(configured: int, local_rows: list[int]) -> int:
+    """A microbatch count every data-parallel rank's local rows divide (FSDP needs the same number of
+    forward passes on each): the largest divisor of `configured` dividing every count."""
+    g = configured
+    for rows in local_rows:
+        g = math.gcd(g, rows)
+    return max(g, 1)
+
+
+def replicated_parameters(modules: list[nn.Module], split: PipelineSplit) -> list[nn.Parameter]:
+    """Trainable parameters of the modules every stage holds a copy of (their gradients are summed over
+    the pipeline group)."""
+    out = []
+    for module in modules:
+        for fqn in split.replicated(module):
+            out += [p for p in module.get_submodule(fqn).parameters() if p.requires_grad]
+    return out
 
 
 def build_pipeline(
     model: nn.Module,
+    split: PipelineSplit,
     pp_mesh: DeviceMesh | dist.ProcessGroup,
     cfg: ParallelConfig,
     device: torch.device,
+    task: Any,
     n_microbatches: int | None = None,
     parallelize_fn: Callable[[nn.Module], nn.Module] | None = None,
     materialize_fn: Callable[[nn.Module], None] | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> PipelineRuntime:
-    """This rank's stages of the meta-device `model` and their schedule.
+    """This rank's stages of the meta-device `model` (cut by the plan's `split`) and their schedule.
 
-    Per stage module: cut (`build_stage_module`), `parallelize_fn` (TP/FSDP/AC; may return a new
+    Per stage module: cut (`split.build_stage`), `parallelize_fn` (TP/FSDP/AC; may return a new
     module), then `materialize_fn` (default: `to_empty(device)` + `init_weights()`).
-    `n_microbatches`: None → cfg.pp_microbatches, None → pp. `loss_fn(logits, labels)` → summed loss
-    (default: `causal_lm_loss(...)[0]`).
+    `n_microbatches`: None → cfg.pp_microbatches, None → pp. `task`: see `PipelineRuntime`.
     """
     group = pp_mesh.get_group() if isinstance(pp_mesh, DeviceMesh) else pp_mesh
     pp, pp_rank = dist.get_world_size(group), dist.get_rank(group)
@@ -363,21 +376,16 @@ def build_pipeline(
             f"{schedule} is GPU-only: its V-shaped schedule hands activations between two stages on one "
             "rank, which hangs on gloo/CPU. Use Interleaved1F1B or InterleavedZeroBubble there"
         )
-    if loss_fn is None:
-        from herd.tasks.text import causal_lm_loss  # lazy: herd.tasks imports the training loop
-
-        def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return causal_lm_loss(logits, labels)[0]
-
     n_stages = pp * virtual
-    split = split_layers(model.args.n_layers, n_stages, cfg.pp_fewer_layers_on_ends)  # type: ignore[union-attr]
+    units = split_units(split.unit_sizes(model), n_stages, cfg.pp_fewer_layers_on_ends)
     stage_ids = stage_ids_for_rank(pp_rank, pp, virtual, schedule)
     materialize = materialize_fn or default_materialize(device)
     modules: list[nn.Module] = []
     for sid in stage_ids:
-        module: nn.Module = build_stage_module(model, sid, n_stages, split)  # type: ignore[arg-type]
+        module = split.build_stage(model, sid, n_stages, units[sid])
+        module.stage_id = sid  # type: ignore[assignment]  # per-stage seeds (default_materialize)
         if parallelize_fn is not None:
             module = parallelize_fn(module)
         materialize(module)
         modules.append(module)
-    return PipelineRuntime(modules, stage_ids, n_stages, group, device, schedule, n_mb, loss_fn)
+    return PipelineRuntime(modules, stage_ids, n_stages, group, device, schedule, n_mb, task)

@@ -1,12 +1,12 @@
 """Direct Preference Optimization (`herd train dpo`, Llama 3 §4.1.4; Rafailov et al. 2023).
 
 The policy (a Llama from `model.init_from`) is trained on preference pairs against a frozen reference
-(`post.reference`, default the same checkpoint) with
+(`dpo.reference`, default the same checkpoint) with
 
     L = −log σ(β·[(log π(y_c|x) − log π_ref(y_c|x)) − (log π(y_r|x) − log π_ref(y_r|x))]) + λ·NLL(y_c|x)
 
 where log π(y|x) sums the reply's token log-probs, NLL is the chosen reply's mean per-token negative
-log-likelihood and λ = `post.nll_weight` (Llama 3: β = 0.1, λ = 0.2). With `post.mask_format_tokens`
+log-likelihood and λ = `dpo.nll_weight` (Llama 3: β = 0.1, λ = 0.2). With `dpo.mask_format_tokens`
 (default, Llama 3) template tokens — headers and the closing `<|eot_id|>` — are left out of both
 replies' log-probs: they are shared by chosen and rejected, and counting them pushes both down at once.
 
@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from herd.config import JobConfig
-from herd.data.packed_text import SkippedRecords
-from herd.data.preferences import (
+from herd.config import DataConfig, DPOConfig, ModelConfig
+from herd.data.records import SkipCounter
+from herd.data.training.preferences import (
     EncodedPreference,
     PreferenceBatching,
     collate_dpo,
@@ -38,11 +38,13 @@ from herd.data.preferences import (
     load_preference_splits,
     parse_preference,
 )
-from herd.tasks.text import export_text_model
+from herd.losses import token_logprobs
+from herd.plans.preference import DPO_PLAN
+from herd.task import LossOutput, TaskBase
 from herd.text.args import ModelArgs
 from herd.text.chat_format import ChatFormat
+from herd.text.loading import save_text_model
 from herd.text.model import Llama
-from herd.trainer import LossOutput
 
 
 def dpo_loss(
@@ -67,13 +69,6 @@ def dpo_loss(
     return losses
 
 
-def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(targets) per position in fp32: logits (R, T, V), targets (R, T) → (R, T)."""
-    return -F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(
-        targets.shape
-    )
-
-
 class DPOModel(nn.Module):
     """The trainable policy and, unless reference log-probs are precomputed, the frozen reference."""
 
@@ -88,51 +83,72 @@ class DPOModel(nn.Module):
         self,
         tokens: torch.Tensor,
         targets: torch.Tensor,  # (R, T) each
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-token log-probs of `targets` under the policy and the reference (None without one): (R, T)."""
-        policy = token_logps(self.policy(tokens), targets)
+    ) -> tuple[torch.Tensor, ...]:
+        """Per-token log-probs of `targets` (R, T) under the policy, and under the reference when there
+        is one: a tuple of one or two tensors (a pipeline stage of it returns the same)."""
+        policy = token_logprobs(self.policy(tokens), targets)
         if self.reference is None:
-            return policy, None
+            return (policy,)
         with torch.no_grad():
-            reference = token_logps(self.reference(tokens), targets)
+            reference = token_logprobs(self.reference(tokens), targets)
         return policy, reference
 
 
-def sequence_logps(
-    model: nn.Module, batch: dict[str, Any]
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(policy (B, 2), reference (B, 2) or None, token counts (B, 2)) summed over each reply's scored tokens."""
+def dpo_inputs(batch: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Both replies of every pair are rows: tokens (B·2, T) and the targets each position predicts."""
     B, _, T = batch["tokens"].shape
-    policy_tok, ref_tok = model(batch["tokens"].reshape(2 * B, T), batch["targets"].reshape(2 * B, T))
+    return (batch["tokens"].reshape(2 * B, T),), {"targets": batch["targets"].reshape(2 * B, T)}
+
+
+def output_logps(
+    output: tuple[torch.Tensor, ...], batch: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(policy (B, 2), reference (B, 2) or None, token counts (B, 2)) summed over each reply's scored
+    tokens, from the per-token log-probs `DPOModel` (or its last pipeline stage) returns."""
+    B, _, T = batch["tokens"].shape
+    policy_tok, ref_tok = output[0], (output[1] if len(output) > 1 else None)
     mask = batch["loss_mask"].reshape(2 * B, T).to(policy_tok.dtype)
     policy = (policy_tok * mask).sum(-1).view(B, 2)
     ref = (ref_tok * mask).sum(-1).view(B, 2) if ref_tok is not None else None
     return policy, ref, mask.sum(-1).view(B, 2)
 
 
-class DPOTask(PreferenceBatching):
-    def __init__(self, cfg: JobConfig, tokenizer: Any | None = None) -> None:
-        if not cfg.model.init_from:
+def sequence_logps(
+    model: nn.Module, batch: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(policy (B, 2), reference (B, 2) or None, token counts (B, 2)) summed over each reply's scored tokens."""
+    args, kwargs = dpo_inputs(batch)
+    return output_logps(model(*args, **kwargs), batch)
+
+
+class DPOTask(PreferenceBatching, TaskBase):
+    """Config sections: `[model]` (init_from: the policy to start from), `[data]` (seq_len, batch size,
+    seed), `[dpo]` (preference data, beta, NLL weight, format masking, reference). Layouts: FSDP/HSDP,
+    TP and PP (`herd.plans.preference`); not context parallelism."""
+
+    name = "dpo"
+    layouts = frozenset({"fsdp", "hsdp", "tp", "pp"})
+    plan = DPO_PLAN
+    sections = ("model", "data", "dpo")
+
+    def __init__(
+        self, model: ModelConfig, data: DataConfig, dpo: DPOConfig, tokenizer: Any | None = None
+    ) -> None:
+        if not model.init_from:
             raise ValueError(
                 "herd train dpo: model.init_from (the policy checkpoint to start from) is required"
-            )
-        if cfg.parallel.pp > 1 or cfg.parallel.cp > 1:
-            raise ValueError(
-                "herd train dpo supports FSDP/HSDP and tensor parallelism; not pipeline or context parallelism"
             )
         from herd.text.loading import load_checkpoint
         from herd.text.tokenizer import load_tokenizer
 
-        self.cfg, p = cfg, cfg.post
-        self.model_args, self._policy_state = load_checkpoint(cfg.model.init_from)
-        self.tokenizer = tokenizer or load_tokenizer(
-            cfg.model.init_from, vocab_size=self.model_args.vocab_size
-        )
+        self.model_cfg, self.data, self.dpo = model, data, dpo
+        self.model_args, self._policy_state = load_checkpoint(model.init_from)
+        self.tokenizer = tokenizer or load_tokenizer(model.init_from, vocab_size=self.model_args.vocab_size)
         self.chat = ChatFormat(self.tokenizer)
         self.pad_id = max(getattr(self.tokenizer, "pad_id", 0), 0)
-        self.seq_len = min(cfg.data.seq_len, self.model_args.max_seq_len)
+        self.seq_len = min(data.seq_len, self.model_args.max_seq_len)
         self.train_records, self.val_records, self.skipped = load_preference_splits(
-            p, self.chat, self.seq_len, cfg.data.seed
+            dpo, self.chat, self.seq_len, data.seed, section="dpo"
         )
         records = [it.record for it in (*self.train_records, *self.val_records)]
         self.precomputed = all(
@@ -141,17 +157,19 @@ class DPOTask(PreferenceBatching):
         self.reference_args: ModelArgs | None = None
         self._reference_state: dict[str, torch.Tensor] | None = None
         if not self.precomputed:
-            ref_path = p.reference or cfg.model.init_from
+            ref_path = dpo.reference or model.init_from
             self.reference_args, self._reference_state = (
                 (self.model_args, self._policy_state)
-                if ref_path == cfg.model.init_from
+                if ref_path == model.init_from
                 else load_checkpoint(ref_path)
             )
             if self.reference_args.vocab_size != self.model_args.vocab_size:
                 raise ValueError(
-                    f"post.reference {ref_path}: vocab_size {self.reference_args.vocab_size} differs from the "
+                    f"dpo.reference {ref_path}: vocab_size {self.reference_args.vocab_size} differs from the "
                     f"policy's {self.model_args.vocab_size}; the reference must share the policy's tokenizer"
                 )
+            if self.reference_args.n_layers != self.model_args.n_layers:
+                self.layouts = self.layouts - {"pp"}  # stages hold the same layers of both models
 
     # --- model ----------------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -159,9 +177,13 @@ class DPOTask(PreferenceBatching):
             return DPOModel(self.model_args, self.reference_args)
 
     def init_weights(self, model: nn.Module) -> None:
-        model.policy.load_state_dict(self._policy_state, strict=True)
+        """Policy and reference from their checkpoints (a pipeline stage takes its layers of each)."""
+        own = model.policy.state_dict().keys()
+        model.policy.load_state_dict({k: v for k, v in self._policy_state.items() if k in own}, strict=True)
         if model.reference is not None:
-            model.reference.load_state_dict(self._reference_state, strict=True)
+            own = model.reference.state_dict().keys()
+            state = {k: v for k, v in self._reference_state.items() if k in own}
+            model.reference.load_state_dict(state, strict=True)
 
     # --- data -----------------------------------------------------------------------------------------
     def encode(self, item: Any) -> EncodedPreference:
@@ -171,14 +193,17 @@ class DPOTask(PreferenceBatching):
 
     def collate(self, items: list[Any]) -> dict[str, Any]:
         encoded = [self.encode(it) for it in items]
-        return collate_dpo(encoded, self.pad_id, self.seq_len, self.cfg.post.mask_format_tokens)
+        return collate_dpo(encoded, self.pad_id, self.seq_len, self.dpo.mask_format_tokens)
 
     def num_targets(self, batch: dict[str, Any]) -> int:
         return int(batch["tokens"].shape[0])  # pairs
 
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
-        p = self.cfg.post
-        policy, ref, counts = sequence_logps(model, batch)
+    def inputs(self, batch: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return dpo_inputs(batch)
+
+    def loss_from_output(self, output: tuple[torch.Tensor, ...], batch: dict[str, Any]) -> LossOutput:
+        p = self.dpo
+        policy, ref, counts = output_logps(output, batch)
         if ref is None:
             if "ref_logps" not in batch:
                 raise ValueError(
@@ -193,13 +218,10 @@ class DPOTask(PreferenceBatching):
         extra = {"correct_pairs": float((margin > 0).sum()), "reward_margin_sum": float(margin.sum())}
         return LossOutput(losses.sum(), int(policy.shape[0]), extra)
 
-    def flops_per_target(self) -> float | None:
-        return None
-
     def export(self, state: dict[str, torch.Tensor], out_dir: str | Path, fmt: str = "meta") -> Path | None:
         """The policy alone, where `load_pretrained` reads it (the reference is not written)."""
         policy = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
-        return export_text_model(policy, self.model_args, self.tokenizer, out_dir, fmt)
+        return save_text_model(policy, self.model_args, self.tokenizer, out_dir, fmt)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -217,7 +239,7 @@ def evaluate_preferences(
         batch = {k: v.to(device) for k, v in task.collate(items[start : start + batch_size]).items()}
         policy, ref, _ = sequence_logps(model, batch)
         ref = ref if ref is not None else batch["ref_logps"]
-        margins.append(task.cfg.post.beta * ((policy[:, 0] - ref[:, 0]) - (policy[:, 1] - ref[:, 1])))
+        margins.append(task.dpo.beta * ((policy[:, 0] - ref[:, 0]) - (policy[:, 1] - ref[:, 1])))
         own.append(policy[:, 0] > policy[:, 1])
     model.train(was_training)
     m, o = torch.cat(margins).float(), torch.cat(own).float()
@@ -235,7 +257,7 @@ def precompute_reference_logps(
     mask_format_tokens: bool = True,
     batch_size: int = 16,
     device: str = "cpu",
-) -> tuple[int, SkippedRecords]:
+) -> tuple[int, SkipCounter]:
     """Copy a preference jsonl, adding `ref_chosen_logp` / `ref_rejected_logp` from the `reference`
     checkpoint (use the same `mask_format_tokens` and reference as training). Returns (written, skipped)."""
     from herd.text.loading import load_pretrained
@@ -243,7 +265,7 @@ def precompute_reference_logps(
     model, tokenizer = load_pretrained(reference, device=device)
     chat, pad_id = ChatFormat(tokenizer), max(getattr(tokenizer, "pad_id", 0), 0)
     seq_len = seq_len or model.args.max_seq_len
-    skipped, raw, records = SkippedRecords(), [], []
+    skipped, raw, records = SkipCounter(), [], []
     with Path(in_path).open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -254,7 +276,7 @@ def precompute_reference_logps(
                 records.append(parse_preference(obj, where))
                 raw.append(obj)
             except (json.JSONDecodeError, ValueError, TypeError) as e:
-                skipped.add(f"{where}: {e}")
+                skipped.add("bad_record", where, str(e))
     encoded = encode_all(records, chat, seq_len, skipped)
     kept = {id(e.record) for e in encoded}
     raw = [obj for obj, r in zip(raw, records) if id(r) in kept]
@@ -264,7 +286,7 @@ def precompute_reference_logps(
         for start in range(0, len(encoded), batch_size):
             batch = collate_dpo(encoded[start : start + batch_size], pad_id, seq_len, mask_format_tokens)
             B, _, T = batch["tokens"].shape
-            tok = token_logps(
+            tok = token_logprobs(
                 model(batch["tokens"].view(2 * B, T).to(device)), batch["targets"].view(2 * B, T).to(device)
             )
             logps = (tok * batch["loss_mask"].view(2 * B, T).to(device)).sum(-1).view(B, 2).cpu()
@@ -286,7 +308,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--no-mask-format-tokens",
         action="store_true",
-        help="count template tokens (post.mask_format_tokens=false)",
+        help="count template tokens (dpo.mask_format_tokens=false)",
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")

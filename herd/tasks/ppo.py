@@ -6,18 +6,19 @@ The objective (Llama 2 eq. 2–4): maximise E_{p∼D, g∼π_θ}[R(g | p)] with
     R(g | p) = R_c(g | p) − β · D_KL(π_θ(g | p) ‖ π_0(g | p))
 
 R_c the reward model's score of the response, π_0 the frozen reference (initial) policy, β =
-`post.kl_coef`. Implemented the standard way (InstructGPT, TRL): the KL is estimated per generated token
+`ppo.kl_coef`. Implemented the standard way (InstructGPT, TRL): the KL is estimated per generated token
 as log π_θ − log π_0 and paid as a per-token reward −β·(log π_θ − log π_0); the score is added at the last
-generated token. Optionally (`post.whiten_reward`) the score is whitened over the batch first, Llama 2's
+generated token. Optionally (`ppo.whiten_reward`) the score is whitened over the batch first, Llama 2's
 WHITEN(LOGIT(R_c)) (the herd reward model's output already is the logit). Advantages come from GAE
-(γ = `post.gamma` 1.0, λ = `post.gae_lambda` 0.95) against a per-token value head, are whitened over the
-global batch, and feed PPO's clipped surrogate (ε = `post.ppo_clip`) plus a clipped value loss weighted
-by `post.value_coef`.
+(γ = `ppo.gamma` 1.0, λ = `ppo.gae_lambda` 0.95) against a per-token value head, are whitened over the
+global batch, and feed PPO's clipped surrogate (ε = `ppo.clip`) plus a clipped value loss weighted
+by `ppo.value_coef`.
 
 How it fits the loop (`herd.trainer.train`): `train_batches` yields prompt batches, each rollout
-`post.ppo_epochs` times (see `herd.tasks.ppo_rollout`); `loss` samples the responses at epoch 0 (no
-grad), scores them with the frozen reference and reward model, caches the rollout on the task and
-returns the PPO loss on it for every epoch, so epochs ≥ 1 are the clipped-ratio updates of real PPO.
+`ppo.epochs` times (see `herd.tasks.ppo_rollout`); the task's per-step hook `before_step` samples the
+responses of a step's new rollouts (no grad) before any training forward, scores them with the frozen
+reference and reward model and caches them on the task; `loss` is the PPO loss on a batch's rollout for
+every epoch, so epochs ≥ 1 are the clipped-ratio updates of real PPO.
 At epoch 0 the "old" log-probabilities and values are the training forward's own, detached: the ratio
 is exactly 1 there. One `PPOModel` holds the trainable policy and value model and the frozen reference
 and reward model, so FSDP shards all four like any model; every sub-model runs through
@@ -38,8 +39,11 @@ import torch.distributed as dist
 from rich.console import Console
 from torch import nn
 
-from herd.config import JobConfig, grad_accum_at
-from herd.data.packed_text import SkippedRecords
+from herd.config import DataConfig, MetricsConfig, ModelConfig, PPOConfig, TrainConfig, grad_accum_at
+from herd.data.records import SkipCounter
+from herd.losses import token_logprobs
+from herd.plans.preference import PPO_PLAN
+from herd.task import LayoutNotSupported, LossOutput, TaskBase
 from herd.tasks.ppo_rollout import (
     PromptBatches,
     Responses,
@@ -48,13 +52,12 @@ from herd.tasks.ppo_rollout import (
     row_uniforms,
     sample_responses,
 )
-from herd.tasks.text import export_text_model
 from herd.text.args import ModelArgs
 from herd.text.chat_format import ChatFormat
 from herd.text.kv_cache import KVCache
+from herd.text.loading import save_text_model
 from herd.text.model import Llama
 from herd.text.reward_model import RewardModel
-from herd.trainer import LossOutput
 
 
 # --- the objective: pure functions on (B, N) response tensors -------------------------------------------
@@ -143,16 +146,6 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
     return ((x64 - mean) / (var + eps).sqrt() * m).to(x.dtype)
 
 
-def token_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float, vocab_limit: int
-) -> torch.Tensor:
-    """log softmax(logits[..., :vocab_limit] / T) at `targets`: logits (B, N, V), targets (B, N) → (B, N)
-    in fp32.
-    The same distribution `sample_from_uniforms` draws from."""
-    logp = torch.log_softmax(logits[..., :vocab_limit].float() / temperature, dim=-1)
-    return logp.gather(-1, targets[..., None])[..., 0]
-
-
 # --- the model --------------------------------------------------------------------------------------------
 def _pick(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """h (B, T, D) at positions (B, N) → (B, N, D)."""
@@ -227,78 +220,82 @@ class Rollout:
 
 
 # --- the task ---------------------------------------------------------------------------------------------
-def check_ppo_config(cfg: JobConfig) -> None:
-    """Clear errors for what PPO needs and cannot do, before anything is loaded."""
-    post, par = cfg.post, cfg.parallel
-    needed = {"model.init_from": cfg.model.init_from, "post.reward_model": post.reward_model,
-              "post.train_data": post.train_data}  # fmt: skip
-    missing = [f"--{key}=..." for key, value in needed.items() if not value]
-    if missing:
-        raise ValueError(f"herd train ppo needs {' '.join(missing)} (SFT policy, reward model, prompt jsonl)")
-    if par.tp > 1 or par.cp > 1 or par.pp > 1:
-        raise ValueError(
-            "herd train ppo runs data-parallel only (dp_replicate / dp_shard): token-by-token generation "
-            "cannot be split along the sequence (tp's sequence parallelism, cp) or across pipeline stages"
-        )
-    if post.ppo_epochs < 1 or post.max_new_tokens < 1 or post.temperature <= 0 or post.ppo_clip <= 0:
-        raise ValueError(
-            "post.ppo_epochs and post.max_new_tokens must be ≥ 1, post.temperature and post.ppo_clip > 0 "
-            f"(got {post.ppo_epochs}, {post.max_new_tokens}, {post.temperature}, {post.ppo_clip})"
-        )
-    # a PPO round (one rollout per micro-batch, ppo_epochs steps) needs the same micro-batch count throughout
-    inside = [s for s, _ in cfg.train.grad_accum_ramp if (s - 1) % post.ppo_epochs]
-    if inside:
-        raise ValueError(
-            f"train.grad_accum_ramp steps {inside} fall inside a PPO round: with "
-            f"ppo_epochs={post.ppo_epochs} a ramp step must be 1 more than a multiple of {post.ppo_epochs}"
-        )
+class PPOTask(TaskBase):
+    """Config sections: `[model]` (init_from: the SFT policy), `[data]` (batch_size: prompts per rollout over
+    all ranks, seed: prompt order), `[ppo]` (reward_model, prompts in train_data, reference, kl_coef, clip,
+    epochs, value_coef, value_clip, value_init, gamma, gae_lambda, whiten_reward, missing_stop_penalty,
+    max_new_tokens, temperature), `[train]` (seed: sampling; grad_accum; run_dir: ppo.jsonl) and
+    `[metrics]` (log_every). Data parallel only (FSDP/HSDP)."""
 
+    name = "ppo"
+    layouts = frozenset({"fsdp", "hsdp"})
+    plan = PPO_PLAN
+    sections = ("model", "data", "ppo", "train", "metrics")
 
-class PPOTask:
-    """Config: model.init_from (the SFT policy), post.reward_model (a `herd train rm` export),
-    post.train_data (prompts), post.reference (default init_from), post.kl_coef, ppo_clip, ppo_epochs,
-    value_coef, max_new_tokens, temperature; optional (read with getattr) post.gamma, gae_lambda,
-    value_clip, whiten_reward, missing_stop_penalty, value_init ("reward_model" | "policy");
-    data.batch_size (prompts per rollout, all ranks), data.seed (prompt order), train.seed (sampling)."""
-
-    def __init__(self, cfg: JobConfig, tokenizer: Any | None = None) -> None:
-        from herd.tasks.reward import load_reward_model
+    def __init__(
+        self,
+        model: ModelConfig,
+        data: DataConfig,
+        ppo: PPOConfig,
+        train: TrainConfig,
+        metrics: MetricsConfig,
+        tokenizer: Any | None = None,
+    ) -> None:
         from herd.text.loading import load_checkpoint
+        from herd.text.reward_model import load_reward_model
         from herd.text.tokenizer import load_tokenizer
 
-        check_ppo_config(cfg)
-        post = cfg.post
-        self.cfg = cfg
-        self.value_init = post.value_init
-        if self.value_init not in ("reward_model", "policy"):
-            raise ValueError(f"post.value_init must be reward_model or policy, got {self.value_init!r}")
-        self.policy_args = self.model_args = load_checkpoint(cfg.model.init_from)[0]
-        self.reference_path = post.reference or cfg.model.init_from
+        needed = {"model.init_from": model.init_from, "ppo.reward_model": ppo.reward_model,
+                  "ppo.train_data": ppo.train_data}  # fmt: skip
+        missing = [f"--{key}=..." for key, value in needed.items() if not value]
+        if missing:
+            raise ValueError(
+                f"herd train ppo needs {' '.join(missing)} (SFT policy, reward model, prompt jsonl)"
+            )
+        if ppo.epochs < 1 or ppo.max_new_tokens < 1 or ppo.temperature <= 0 or ppo.clip <= 0:
+            raise ValueError(
+                "ppo.epochs and ppo.max_new_tokens must be ≥ 1, ppo.temperature and ppo.clip > 0 "
+                f"(got {ppo.epochs}, {ppo.max_new_tokens}, {ppo.temperature}, {ppo.clip})"
+            )
+        # a PPO round (one rollout per micro-batch, `epochs` steps) needs the same micro-batch count throughout
+        inside = [s for s, _ in train.grad_accum_ramp if (s - 1) % ppo.epochs]
+        if inside:
+            raise ValueError(
+                f"train.grad_accum_ramp steps {inside} fall inside a PPO round: with "
+                f"ppo.epochs={ppo.epochs} a ramp step must be 1 more than a multiple of {ppo.epochs}"
+            )
+        self.model_cfg, self.data, self.ppo, self.train, self.metrics = model, data, ppo, train, metrics
+        self.value_init = ppo.value_init
+        self.policy_args = self.model_args = load_checkpoint(model.init_from)[0]
+        self.reference_path = ppo.reference or model.init_from
         self.reference_args = load_checkpoint(self.reference_path)[0]
-        reward_model, reward_tokenizer = load_reward_model(post.reward_model, "cpu")
+        reward_model, reward_tokenizer = load_reward_model(ppo.reward_model, "cpu")
         self.reward_args = reward_model.args
         self._reward_state = {k: v.detach() for k, v in reward_model.state_dict().items()}
         self.value_args = self.reward_args if self.value_init == "reward_model" else self.policy_args
         if tokenizer is None:
-            tokenizer = load_tokenizer(cfg.model.init_from, vocab_size=self.policy_args.vocab_size)
+            tokenizer = load_tokenizer(model.init_from, vocab_size=self.policy_args.vocab_size)
         self.tokenizer, self.format = tokenizer, ChatFormat(tokenizer)
         self._check_vocabularies(reward_tokenizer)
         self.vocab_limit = tokenizer.vocab_size  # the models' padding rows are never sampled
         self.pad_id = tokenizer.pad_id if getattr(tokenizer, "pad_id", -1) >= 0 else tokenizer.eos_id
         all_args = (self.policy_args, self.reference_args, self.reward_args, self.value_args)
-        room = min(a.max_seq_len for a in all_args) - post.max_new_tokens
-        self.skipped = SkippedRecords()
-        self.prompts = read_prompts(post.train_data, self.format, room, self.skipped)
-        if self.skipped.count:
-            Console(stderr=True).print(f"[yellow]skipped {self.skipped.count} bad prompt record(s), e.g. "
-                                       f"{self.skipped.examples[0]}")  # fmt: skip
-        self.gamma = post.gamma
-        self.gae_lambda = post.gae_lambda
-        self.value_clip = post.value_clip
-        self.whiten_reward = post.whiten_reward
-        self.missing_stop_penalty = post.missing_stop_penalty
+        room = min(a.max_seq_len for a in all_args) - ppo.max_new_tokens
+        self.skipped = SkipCounter()
+        self.prompts = read_prompts(ppo.train_data, self.format, room, self.skipped)
         self._rollouts: dict[int, Rollout] = {}
         self.history: list[dict[str, float]] = []  # one record per loss call, global means (rank-identical)
+
+    def check_layout(self, degrees: dict[str, int]) -> None:
+        if any(degrees.get(d, 1) > 1 for d in ("tp", "cp", "pp")):
+            raise LayoutNotSupported(
+                "herd train ppo runs data-parallel only (dp_replicate / dp_shard): token-by-token generation "
+                "cannot be split along the sequence (tp's sequence parallelism, cp) or across pipeline stages"
+            )
+        super().check_layout(degrees)
+
+    def skip_counts(self) -> dict[str, SkipCounter]:
+        return {"prompts": self.skipped}
 
     def _check_vocabularies(self, reward_tokenizer: Any) -> None:
         ours, theirs = self.tokenizer, reward_tokenizer
@@ -308,8 +305,8 @@ class PPOTask:
         vocabs = {a.vocab_size for a in (self.policy_args, self.reference_args, self.reward_args)}
         if not same or len(vocabs) > 1:
             raise ValueError(
-                f"policy ({self.cfg.model.init_from}), reference ({self.reference_path}) and reward model "
-                f"({self.cfg.post.reward_model}) must share one tokenizer and vocabulary (model vocab sizes "
+                f"policy ({self.model_cfg.init_from}), reference ({self.reference_path}) and reward model "
+                f"({self.ppo.reward_model}) must share one tokenizer and vocabulary (model vocab sizes "
                 f"{sorted(vocabs)}; tokenizer sizes {ours.vocab_size} vs {theirs.vocab_size})"
             )
 
@@ -319,13 +316,13 @@ class PPOTask:
             return PPOModel(self.policy_args, self.value_args, self.reference_args, self.reward_args)
 
     def init_weights(self, model: nn.Module) -> None:
-        """Policy from model.init_from, reference from post.reference (or the same), reward model from
-        post.reward_model; the value model from the reward model (Llama 2) or the policy trunk + new head."""
+        """Policy from model.init_from, reference from ppo.reference (or the same), reward model from
+        ppo.reward_model; the value model from the reward model (Llama 2) or the policy trunk + new head."""
         from herd.text.loading import load_checkpoint
 
-        policy_state = load_checkpoint(self.cfg.model.init_from)[1]
+        policy_state = load_checkpoint(self.model_cfg.init_from)[1]
         model.policy.load_state_dict(policy_state, strict=True)
-        same = Path(self.reference_path).resolve() == Path(self.cfg.model.init_from).resolve()
+        same = Path(self.reference_path).resolve() == Path(self.model_cfg.init_from).resolve()
         model.reference.load_state_dict(policy_state if same else load_checkpoint(self.reference_path)[1])
         model.reward.load_state_dict(self._reward_state, strict=True)
         if self.value_init == "reward_model":
@@ -338,9 +335,8 @@ class PPOTask:
 
     # --- data -----------------------------------------------------------------------------------------
     def train_batches(self, rank: int, world_size: int) -> PromptBatches:
-        c = self.cfg
-        return PromptBatches(self.prompts, c.data.batch_size, c.post.ppo_epochs,
-                             lambda step: grad_accum_at(c.train, step), rank, world_size, c.data.seed,
+        return PromptBatches(self.prompts, self.data.batch_size, self.ppo.epochs,
+                             lambda step: grad_accum_at(self.train, step), rank, world_size, self.data.seed,
                              self.pad_id)  # fmt: skip
 
     def val_batches(self) -> None:
@@ -349,17 +345,14 @@ class PPOTask:
     def num_targets(self, batch: dict[str, Any]) -> int:
         """Token *slots* (rows × max_new_tokens), known before sampling; `loss` rescales by slots/generated
         tokens so the loop's normalisation yields the mean over generated tokens."""
-        return batch["prompt_tokens"].shape[0] * self.cfg.post.max_new_tokens
-
-    def flops_per_target(self) -> float | None:
-        return None
+        return batch["prompt_tokens"].shape[0] * self.ppo.max_new_tokens
 
     # --- rollout --------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, model: nn.Module, batch: dict[str, Any]) -> Rollout:
         """Sample max_new_tokens per prompt with the policy, score with the reference and reward model."""
-        post = self.cfg.post
-        uniforms = row_uniforms(self.cfg.train.seed, batch["stream_index"].cpu(), post.max_new_tokens)
+        post = self.ppo
+        uniforms = row_uniforms(self.train.seed, batch["stream_index"].cpu(), post.max_new_tokens)
         responses = sample_responses(
             lambda tokens, cache, start: model(tokens, mode="generate", kv_cache=cache, start_pos=start),
             lambda rows, length: model.policy.new_kv_cache(rows, length, cache_cls=_ActivationDtypeCache),
@@ -381,44 +374,63 @@ class PPOTask:
         counts = torch.tensor(local, dtype=torch.float64, device=mask.device)
         tokens, slots, rows, score_sum, kl_sum = all_reduce_(counts).tolist()
         # Llama 2's WHITEN(LOGIT(R_c)): the herd reward model's score already is the logit
-        scores = whiten(ro.scores, torch.ones_like(mask[:, 0])) if self.whiten_reward else ro.scores
-        if self.missing_stop_penalty:  # a reply cut off at max_new_tokens was scored mid-sentence
-            scores = scores - self.missing_stop_penalty * (~ro.responses.finished).to(scores.dtype)
-        rewards, _ = kl_penalized_rewards(scores, logprobs, ro.ref_logprobs, mask, self.cfg.post.kl_coef)
-        advantages, returns = gae_advantages(rewards, values, mask, self.gamma, self.gae_lambda)
+        scores = whiten(ro.scores, torch.ones_like(mask[:, 0])) if self.ppo.whiten_reward else ro.scores
+        if self.ppo.missing_stop_penalty:  # a reply cut off at max_new_tokens was scored mid-sentence
+            scores = scores - self.ppo.missing_stop_penalty * (~ro.responses.finished).to(scores.dtype)
+        rewards, _ = kl_penalized_rewards(scores, logprobs, ro.ref_logprobs, mask, self.ppo.kl_coef)
+        advantages, returns = gae_advantages(rewards, values, mask, self.ppo.gamma, self.ppo.gae_lambda)
         ro.old_logprobs, ro.old_values, ro.returns = logprobs, values, returns
         ro.advantages = whiten(advantages, mask)
         ro.scale, ro.global_tokens = slots / tokens, tokens
         ro.stats = {"reward": score_sum / rows, "kl": kl_sum / rows, "response_tokens": tokens / rows}
 
-    # --- loss -----------------------------------------------------------------------------------------
+    # --- the step hook and the loss ---------------------------------------------------------------------
+    def before_step(self, model: nn.Module, micro_batches: list[dict[str, Any]]) -> None:
+        """Sample the rollouts of this step's micro-batches that are not cached yet (epoch 0 of a round, or
+        a run resumed inside one), before any training forward, and hand each batch its rollout."""
+        for batch in micro_batches:
+            rollout_id, epoch = int(batch["rollout"]), int(batch["epoch"])
+            ro = self._rollouts.get(rollout_id)
+            if ro is None:
+                if epoch > 0:  # resumed from a checkpoint inside a round: the cached rollout is gone
+                    Console(stderr=True).print(
+                        f"[yellow]rollout {rollout_id} resumed at epoch {epoch}: resampled"
+                    )
+                ro = self._rollouts[rollout_id] = self.rollout(model, batch)
+            batch["ppo_rollout"] = ro
+
+    def inputs(self, batch: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        ro = batch["ppo_rollout"]  # set by before_step
+        return (ro.responses.tokens,), {"mode": "train", "positions": ro.responses.positions - 1}
+
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
-        """The PPO loss on this batch's rollout (sampled now at epoch 0), rescaled so the loop's division
-        by token slots gives the mean over generated tokens of the whole global batch."""
+        if "ppo_rollout" not in batch:  # called outside the loop: sample the rollout first
+            self.before_step(model, [batch])
+        return super().loss(model, batch)
+
+    def loss_from_output(
+        self, output: tuple[torch.Tensor, torch.Tensor], batch: dict[str, Any]
+    ) -> LossOutput:
+        """The PPO loss on this batch's rollout, rescaled so the loop's division by token slots gives the
+        mean over generated tokens of the whole global batch."""
         rollout_id, epoch = int(batch["rollout"]), int(batch["epoch"])
-        post = self.cfg.post
-        ro = self._rollouts.get(rollout_id)
-        if ro is None:
-            if epoch > 0:  # resumed from a checkpoint inside a round: the cached rollout is gone
-                Console(stderr=True).print(
-                    f"[yellow]rollout {rollout_id} resumed at epoch {epoch}: resampled"
-                )
-            ro = self._rollouts[rollout_id] = self.rollout(model, batch)
-        logits, values = model(ro.responses.tokens, mode="train", positions=ro.responses.positions - 1)
+        post = self.ppo
+        ro = batch["ppo_rollout"]
+        logits, values = output
         logprobs = token_logprobs(logits, ro.response_tokens, post.temperature, self.vocab_limit)  # (b, N)
         if ro.advantages is None:
             self._advantages(ro, logprobs.detach(), values.detach())
         mask = ro.responses.mask
         policy_sum, clipped, approx_kl = ppo_policy_loss(
-            logprobs, ro.old_logprobs, ro.advantages, mask, post.ppo_clip
+            logprobs, ro.old_logprobs, ro.advantages, mask, post.clip
         )
-        value_sum = ppo_value_loss(values, ro.old_values, ro.returns, mask, self.value_clip)
+        value_sum = ppo_value_loss(values, ro.old_values, ro.returns, mask, post.value_clip)
         local = torch.stack([policy_sum.detach(), value_sum.detach(), clipped, approx_kl]).double()
         p_sum, v_sum, clip_sum, kl_sum = (x / ro.global_tokens for x in all_reduce_(local).tolist())
         self._record({"rollout": rollout_id, "epoch": epoch, **ro.stats, "policy_loss": p_sum,
                       "value_loss": v_sum, "clip_frac": clip_sum, "approx_kl": kl_sum})  # fmt: skip
-        if epoch >= post.ppo_epochs - 1:
-            del self._rollouts[rollout_id]
+        if epoch >= post.epochs - 1:
+            self._rollouts.pop(rollout_id, None)
         extra = {  # this rank's sums
             "reward_sum": float(ro.scores.sum()),
             "rows": float(len(ro.scores)),
@@ -436,14 +448,11 @@ class PPOTask:
         self.history.append(entry)
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return
-        run_dir = Path(self.cfg.train.run_dir)
+        run_dir = Path(self.train.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         with (run_dir / "ppo.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps(entry) + "\n")
-        if (
-            entry["epoch"] == self.cfg.post.ppo_epochs - 1
-            and entry["rollout"] % self.cfg.metrics.log_every == 0
-        ):
+        if entry["epoch"] == self.ppo.epochs - 1 and entry["rollout"] % self.metrics.log_every == 0:
             Console().print(
                 f"ppo rollout {entry['rollout']:>6}  reward {entry['reward']:.4f}  kl {entry['kl']:.4f}  "
                 f"response_tokens {entry['response_tokens']:.1f}  clip_frac {entry['clip_frac']:.3f}",
@@ -455,4 +464,4 @@ class PPOTask:
     ) -> Path | None:
         """Write the trained policy (only) where `load_pretrained` reads it, with its tokenizer."""
         policy = {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
-        return export_text_model(policy, self.policy_args, self.tokenizer, out_dir, fmt)
+        return save_text_model(policy, self.policy_args, self.tokenizer, out_dir, fmt)  # type: ignore[arg-type]

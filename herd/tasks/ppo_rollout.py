@@ -3,7 +3,7 @@
 Prompts: one jsonl record per line, either `{"messages": [..., {"role": "user", ...}]}` (a dialog that
 ends with a user turn) or `{"prompt": "..."}` (one user turn). Each is encoded in the Llama 3.1 chat
 format with the assistant header appended, so the policy writes the assistant's reply. Bad records are
-skipped and counted with file:line (`SkippedRecords`).
+skipped and counted with file:line (`SkipCounter`).
 
 Batches: the prompts are shuffled per pass with seed (data.seed, pass) into one global stream; rollout r
 is stream positions r·G .. (r+1)·G-1 (G = data.batch_size) and DP rank k takes its b = G/world slice.
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from herd.data.packed_text import SkippedRecords
+from herd.data.records import SkipCounter
 from herd.text.chat_format import ROLES, ChatFormat, Message
 
 _MESSAGE_KEYS = {"role", "content", "tool_calls", "stop_reason"}
@@ -73,7 +73,7 @@ def parse_prompt(record: Any) -> list[Message]:
     return messages
 
 
-def read_prompts(path: str | Path, fmt: ChatFormat, max_tokens: int, skipped: SkippedRecords) -> list[Prompt]:
+def read_prompts(path: str | Path, fmt: ChatFormat, max_tokens: int, skipped: SkipCounter) -> list[Prompt]:
     """Every usable prompt of a jsonl file, encoded; prompts longer than `max_tokens` are skipped too."""
     file = Path(path)
     if not file.is_file():
@@ -87,15 +87,15 @@ def read_prompts(path: str | Path, fmt: ChatFormat, max_tokens: int, skipped: Sk
             try:
                 messages = parse_prompt(json.loads(raw.decode("utf-8")))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                skipped.add(f"{where}: not JSON ({type(e).__name__})")
+                skipped.add("bad_json", where, f"not JSON ({type(e).__name__})")
                 continue
             except ValueError as e:
-                skipped.add(f"{where}: {e}")
+                skipped.add("bad_record", where, str(e))
                 continue
             tokens = fmt.encode_dialog_prompt(messages, add_generation_prompt=True)
             if len(tokens) > max_tokens:
-                skipped.add(f"{where}: {len(tokens)} prompt tokens, more than the {max_tokens} that leave "
-                            "room for post.max_new_tokens in the models' max_seq_len")  # fmt: skip
+                skipped.add("too_long", where, f"{len(tokens)} prompt tokens, more than the {max_tokens} that "
+                            "leave room for post.max_new_tokens in the models' max_seq_len")  # fmt: skip
                 continue
             prompts.append(Prompt(tokens, where))
     if not prompts:

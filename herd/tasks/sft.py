@@ -4,7 +4,7 @@ Llama 3 fine-tunes the pretrained checkpoint on rejection-sampled and curated ch
 cross-entropy on target tokens, prompt tokens masked out (§4.1.3); Llama 2 §3.1 packs several dialogs into
 a sequence. Everything but the data is the text task's: the model and weights come from
 `model.init_from` (`TextPretrainTask.init_weights`), the loss is `causal_lm_loss` over the rows that
-`herd.data.dialogs` builds (the same tokens / labels / document_ids batch keys, so every parallel layout,
+`herd.data.training.dialogs` builds (the same tokens / labels / document_ids batch keys, so every parallel layout,
 context parallelism included, runs unchanged), and the export writes a checkpoint `herd chat` loads.
 """
 
@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from herd.config import JobConfig
-from herd.data.dialogs import (
+from herd.config import DataConfig, ModelConfig, SFTConfig
+from herd.data.records import SkipCounter
+from herd.data.training.dialogs import (
     DialogBatches,
     EncodedDialog,
     pack_rows,
@@ -25,8 +26,7 @@ from herd.data.dialogs import (
     sequential_dialog_batches,
     targets_per_row,
 )
-from herd.data.packed_text import SkippedRecords
-from herd.tasks.text import TextPretrainTask, training_flops_per_token
+from herd.tasks.text import TextPretrainTask
 from herd.text.chat_format import ChatFormat
 
 
@@ -34,20 +34,25 @@ class SFTTask(TextPretrainTask):
     """The text task on chat dialogs: `build_model`, `init_weights` (from `model.init_from`), `loss`,
     `num_targets` and `export` are inherited; data and FLOPs accounting are the dialogs'.
 
-    Config: model.init_from (required), post.train_data, post.val_data or post.val_fraction, post.pack,
+    Config: model.init_from (required), sft.train_data, sft.val_data or sft.val_fraction, sft.pack,
     data.seq_len, data.batch_size, data.seed.
     """
 
-    def __init__(self, cfg: JobConfig, tokenizer: Any | None = None) -> None:
-        init_from, post = cfg.model.init_from, cfg.post
+    name = "sft"
+    sections = ("model", "data", "sft")
+
+    def __init__(
+        self, model: ModelConfig, data: DataConfig, sft: SFTConfig, tokenizer: Any | None = None
+    ) -> None:
+        init_from = model.init_from
         if not init_from:
             raise ValueError(
                 "herd train sft fine-tunes a pretrained model: set --model.init_from=CHECKPOINT_DIR "
                 "(a `herd train text` export, or a Meta / Hugging Face checkpoint)"
             )
-        if not post.train_data:
-            raise ValueError('herd train sft needs post.train_data: a jsonl of {"messages": [...]} dialogs')
-        if cfg.model.vocab_subset:
+        if not sft.train_data:
+            raise ValueError('herd train sft needs sft.train_data: a jsonl of {"messages": [...]} dialogs')
+        if model.vocab_subset:
             raise ValueError(
                 "model.vocab_subset does not apply to sft: the vocabulary is the checkpoint's "
                 f"({init_from}; a trimmed one is read from its vocab_subset.json)"
@@ -55,8 +60,8 @@ class SFTTask(TextPretrainTask):
         from herd.text.loading import load_checkpoint
         from herd.text.tokenizer import load_tokenizer
 
-        self.cfg = cfg
-        self.skipped = SkippedRecords()
+        self.model_cfg, self.data, self.sft = model, data, sft
+        self.skipped = SkipCounter()
         self.model_args = load_checkpoint(init_from)[0]  # fine-tuning: the checkpoint's architecture
         if tokenizer is None:
             tokenizer = load_tokenizer(init_from, vocab_size=self.model_args.vocab_size)
@@ -72,31 +77,30 @@ class SFTTask(TextPretrainTask):
         self._warn_about_data()
 
     def _load_dialogs(self) -> tuple[list[EncodedDialog], list[EncodedDialog]]:
-        post, seq_len = self.cfg.post, self.cfg.data.seq_len
-        train = read_dialogs(post.train_data, self.format, seq_len, self.skipped)
+        sft, seq_len = self.sft, self.data.seq_len
+        train = read_dialogs(sft.train_data, self.format, seq_len, self.skipped)
         if not train:
-            raise ValueError(f"{post.train_data}: no usable dialog ({self._skipped_summary()})")
-        if post.val_data:
-            return train, read_dialogs(post.val_data, self.format, seq_len, self.skipped)
-        n_val = int(len(train) * post.val_fraction)
+            raise ValueError(f"{sft.train_data}: no usable dialog ({self._skipped_summary()})")
+        if sft.val_data:
+            return train, read_dialogs(sft.val_data, self.format, seq_len, self.skipped)
+        n_val = int(len(train) * sft.val_fraction)
         if n_val == 0:
             return train, []
         # a seeded random hold-out: dialog files are often grouped by source or topic
-        held_out = set(np.random.default_rng(self.cfg.data.seed).permutation(len(train))[:n_val].tolist())
+        held_out = set(np.random.default_rng(self.data.seed).permutation(len(train))[:n_val].tolist())
         return (
             [d for i, d in enumerate(train) if i not in held_out],
             [d for i, d in enumerate(train) if i in held_out],
         )
 
     def _skipped_summary(self) -> str:
-        if not self.skipped.count:
-            return "no record skipped"
-        return f"skipped {self.skipped.count} bad record(s), e.g. {self.skipped.examples[0]}"
+        return self.skipped.summary()
+
+    def skip_counts(self) -> dict[str, SkipCounter]:
+        return {"dialogs": self.skipped}
 
     def _warn_about_data(self) -> None:
         console = Console(stderr=True)
-        if self.skipped.count:
-            console.print(f"[yellow]sft: {self._skipped_summary()}")
         unknown = getattr(
             self.tokenizer, "unknown_count", 0
         )  # a trimmed vocabulary maps unseen tokens to unk
@@ -107,31 +111,24 @@ class SFTTask(TextPretrainTask):
             )
 
     def train_batches(self, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
-        d = self.cfg.data
+        d = self.data
         return DialogBatches(
-            self.train_dialogs,
-            d.seq_len,
-            d.batch_size,
-            rank,
-            world_size,
-            d.seed,
-            self.cfg.post.pack,
-            self.pad_id,
+            self.train_dialogs, d.seq_len, d.batch_size, rank, world_size, d.seed, self.sft.pack, self.pad_id
         )
 
     def val_batches(self) -> Iterable[dict[str, Any]] | None:
         if not self.val_dialogs:
             return None
-        d = self.cfg.data
+        d = self.data
         return sequential_dialog_batches(
-            self.val_dialogs, d.seq_len, d.batch_size, self.cfg.post.pack, self.pad_id
+            self.val_dialogs, d.seq_len, d.batch_size, self.sft.pack, self.pad_id
         )
 
     def flops_per_target(self) -> float | None:
         """The text task's FLOPs per token × row tokens per trained target (prompts and padding are
         computed but are not targets), measured on the training dialogs packed in file order."""
-        seq_len = self.cfg.data.seq_len
+        seq_len = self.data.seq_len
         lengths = [len(d) for d in self.train_dialogs]
-        rows = pack_rows(lengths, range(len(lengths)), seq_len, self.cfg.post.pack)
+        rows = pack_rows(lengths, range(len(lengths)), seq_len, self.sft.pack)
         per_row = targets_per_row(self.train_dialogs, rows)
-        return training_flops_per_token(self.model_args, seq_len) * seq_len / per_row if per_row else None
+        return self.model_args.training_flops_per_token(seq_len) * seq_len / per_row if per_row else None

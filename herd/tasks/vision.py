@@ -4,24 +4,32 @@ The LLM comes from a checkpoint and never changes (requires_grad False, so it is
 optimizer); the image encoder, projector and gated cross-attention layers train. Each sample is
 `<|begin_of_text|><|image|>` + prompt + target + `<|eot_id|>` with the loss on the target only: the
 answer of a visual question ("Question: What color is the square? Answer: red") or a caption.
+
+Data contract: a manifest record the objective cannot use (no question, no answer, no caption) is
+skipped and counted by reason when the manifest is indexed, as is an image that cannot be decoded when
+it is read; the loop logs the counts. Layouts: FSDP/HSDP, TP, and PP with the paper's stage layout
+(`herd.plans.multimodal`); not context parallelism.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from herd.adapters.multimodal import MultimodalLlama
-from herd.config import JobConfig
-from herd.data.image_text import ImageTextDataset
-from herd.data.packed_text import IGNORE_INDEX
-from herd.tasks.text import causal_lm_loss
+from herd.adapters.multimodal import MultimodalLlama, fusion_schedule
+from herd.adapters.multimodal_io import save_multimodal_state
+from herd.config import DataConfig, VisionConfig
+from herd.data.records import IGNORE_INDEX, SkipCounter
+from herd.data.training.image_text import ImageTextDataset
+from herd.losses import causal_lm_loss
+from herd.plans.multimodal import MULTIMODAL_PLAN
+from herd.task import LayoutNotSupported, LossOutput, TaskBase
 from herd.text.loading import load_checkpoint
 from herd.text.model import Llama
-from herd.trainer import LossOutput
 from herd.vision.encoder import VisionEncoder, load_vision_weights
 from herd.vision.tiling import ImageTransform, collate_images
 from herd.vision.vision_args import get_vision_preset
@@ -29,6 +37,33 @@ from herd.vision.vision_args import get_vision_preset
 
 def qa_prompt(question: str) -> str:
     return f"Question: {question} Answer:"
+
+
+def _text(fields: dict[str, Any], key: str) -> bool:
+    value = fields.get(key)
+    return isinstance(value, str) and bool(value.strip()) or isinstance(value, int | float)
+
+
+def missing_fields(objective: str):
+    """The record check of an objective: fields → the skip reason, or None when the record is usable.
+    qa needs a question and an answer (or response); caption a caption (or text); mixed either."""
+
+    def has_qa(f: dict[str, Any]) -> bool:
+        return _text(f, "question") and (_text(f, "response") or _text(f, "answer"))
+
+    def has_caption(f: dict[str, Any]) -> bool:
+        return _text(f, "caption") or _text(f, "text")
+
+    def check(fields: dict[str, Any]) -> str | None:
+        if objective == "qa":
+            if not _text(fields, "question"):
+                return "missing_question"
+            return None if has_qa(fields) else "missing_answer"
+        if objective == "caption":
+            return None if has_caption(fields) else "missing_caption"
+        return None if has_qa(fields) or has_caption(fields) else "missing_caption_and_qa"
+
+    return check
 
 
 class VisionBatches:
@@ -54,41 +89,56 @@ class VisionBatches:
         self._it = None
 
 
-class VisionTask:
-    def __init__(self, cfg: JobConfig, tokenizer: Any | None = None) -> None:
-        v = cfg.vision
+class VisionTask(TaskBase):
+    """Image adapter training (`herd train vision`). Config sections: `[vision]` (the frozen LLM, the
+    encoder, the objective and the data) and `[data]` (batch size, seed)."""
+
+    name = "vision"
+    layouts = frozenset({"fsdp", "hsdp", "tp", "pp"})
+    plan = MULTIMODAL_PLAN
+    sections = ("vision", "data")
+
+    def __init__(self, vision: VisionConfig, data: DataConfig, tokenizer: Any | None = None) -> None:
+        v = vision
         if not v.llm:
             raise ValueError("vision.llm: the frozen LLM checkpoint to build on is required")
-        if v.objective not in ("qa", "caption", "mixed"):
-            raise ValueError(f"vision.objective must be qa, caption or mixed, got {v.objective!r}")
         if v.caption_every < 1:
             raise ValueError(f"vision.caption_every must be ≥ 1, got {v.caption_every}")
-        if cfg.parallel.pp > 1:
-            raise ValueError("pipeline parallelism is not implemented for the vision task yet; use FSDP/TP")
-        self.cfg = cfg
+        if not (v.train_manifest or v.shards):
+            raise ValueError("vision.train_manifest or vision.shards is required")
+        self.vision, self.data = vision, data
         self.llm_args, self._llm_state = load_checkpoint(v.llm)
         if tokenizer is None:
             from herd.text.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(v.llm, vocab_size=self.llm_args.vocab_size)
         self.tokenizer = tokenizer
-        self.model_args = self.llm_args  # for the runtime's init-mode choice and exports
+        self.model_args = self.llm_args  # for the runtime's init-mode choice and checkpoint metadata
         self.vision_args = get_vision_preset(v.encoder, **{"max_num_tiles": v.max_tiles, **v.encoder_args})
+        self.cross_attention_layers = fusion_schedule(self.llm_args.n_layers, v.cross_attention_every)
         self.transform = ImageTransform(tile_size=self.vision_args.image_size, max_tiles=v.max_tiles)
         # Mllama's convention: `<|image|>` is id vocab_size, the first of the adapter's trainable
         # image-token embeddings (128256 for Llama 3); the frozen LLM's own rows are never used for it
         self.image_id = self.llm_args.vocab_size
         self.eot_id = tokenizer.special_tokens["<|eot_id|>"]
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else self.eot_id
-        if not (v.train_manifest or v.shards):
-            raise ValueError("vision.train_manifest or vision.shards is required")
+        self.check_record = missing_fields(v.objective)
+        self._skipped: dict[str, SkipCounter] = {}
+
+    def check_layout(self, degrees: dict[str, int]) -> None:
+        super().check_layout(degrees)
+        if degrees.get("pp", 1) > 1 and degrees.get("tp", 1) > 1:
+            raise LayoutNotSupported(
+                "herd train vision runs pipeline parallelism with FSDP/HSDP, not together with tensor "
+                "parallelism (the image adapter's sequence-parallel hooks wrap the whole model)"
+            )
 
     # --- model ----------------------------------------------------------------------------------------
     def _new_model(self) -> MultimodalLlama:
         return MultimodalLlama(
             Llama(self.llm_args),
             VisionEncoder(self.vision_args),
-            cross_attention_every=self.cfg.vision.cross_attention_every,
+            cross_attention_layers=self.cross_attention_layers,
         )
 
     def build_model(self) -> nn.Module:
@@ -97,24 +147,29 @@ class VisionTask:
 
     def init_weights(self, model: nn.Module) -> None:
         """Encoder and adapter as their constructors initialise them (seeded); the LLM from its
-        checkpoint; optionally the encoder trunk from an open_clip/timm checkpoint."""
+        checkpoint; optionally the encoder trunk from an open_clip/timm checkpoint. A pipeline stage
+        takes its share of the same whole model, so its encoder copy equals every other stage's."""
         reference = self._new_model()
+        if self.vision.encoder_weights:
+            load_vision_weights(reference.vision, self.vision.encoder_weights)
         state = reference.state_dict()
         state.update({f"llm.{k}": v for k, v in self._llm_state.items()})
-        model.load_state_dict(state, strict=True)
-        if self.cfg.vision.encoder_weights:
-            load_vision_weights(model.vision, self.cfg.vision.encoder_weights)
+        own = model.state_dict().keys()
+        model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
         model.freeze_llm()
 
     # --- data -----------------------------------------------------------------------------------------
     def target_text(self, sample: dict[str, Any], row: int = 0) -> tuple[str, str]:
         """(prompt, target) of a sample; with the "mixed" objective every `caption_every`-th row of a
-        batch is a caption."""
-        objective = self.cfg.vision.objective
+        batch is a caption (the record's question otherwise, or its caption when it has no question)."""
+        objective = self.vision.objective
         if objective == "mixed":
-            objective = "caption" if row % self.cfg.vision.caption_every == 0 else "qa"
+            caption_row = row % self.vision.caption_every == 0
+            has_caption = bool(sample.get("caption") or sample.get("text"))
+            has_qa = bool(sample.get("question"))
+            objective = "caption" if (caption_row and has_caption) or not has_qa else "qa"
         if objective == "caption":
-            return "", sample.get("caption") or sample["text"]
+            return "", str(sample.get("caption") or sample["text"])
         return qa_prompt(sample["question"]), f" {sample.get('response') or sample['answer']}"
 
     def prompt_tokens(self, prompt: str) -> list[int]:
@@ -143,51 +198,68 @@ class VisionTask:
                 "cross_attention_mask": xmask}  # fmt: skip
 
     def dataset(self, split: str, rank: int = 0, world_size: int = 1, loop: bool = True) -> ImageTextDataset:
-        v = self.cfg.vision
-        kw = {
-            "rank": rank,
-            "world_size": world_size,
-            "seed": self.cfg.data.seed,
-            "loop": loop,
-            "shuffle": loop,
-        }
+        v = self.vision
+        kw = {"rank": rank, "world_size": world_size, "seed": self.data.seed, "loop": loop, "shuffle": loop,
+              "check": self.check_record}  # fmt: skip
         if split == "val":
-            return ImageTextDataset.from_jsonl(v.val_manifest, **kw)
-        if v.shards:
-            return ImageTextDataset.from_tar_shards(v.shards, **kw)
-        return ImageTextDataset.from_jsonl(v.train_manifest, **kw)
+            data = ImageTextDataset.from_jsonl(v.val_manifest, **kw)
+        elif v.shards:
+            data = ImageTextDataset.from_tar_shards(v.shards, **kw)
+        else:
+            data = ImageTextDataset.from_jsonl(v.train_manifest, **kw)
+        self._skipped[split] = data.skipped
+        return data
+
+    def skip_counts(self) -> dict[str, SkipCounter]:
+        return dict(self._skipped)
 
     def train_batches(self, rank: int, world_size: int) -> VisionBatches:
         self.train_data = self.dataset("train", rank, world_size)
-        return VisionBatches(self.train_data, self.cfg.data.batch_size // world_size, self.encode)
+        return VisionBatches(self.train_data, self.data.batch_size // world_size, self.encode)
 
     def val_batches(self):
-        if not self.cfg.vision.val_manifest:
+        if not self.vision.val_manifest:
             return None
-        data, b = self.dataset("val", loop=False), self.cfg.data.batch_size
+        data, b = self.dataset("val", loop=False), self.data.batch_size
+        return self._val_batches(data, b)
+
+    def _val_batches(self, data: ImageTextDataset, b: int):
         batch: list[dict[str, Any]] = []
         for sample in data:
             batch.append(sample)
             if len(batch) == b:
                 yield self.encode(batch)
                 batch = []
+        if batch:  # the last, ragged batch counts too
+            yield self.encode(batch)
 
     def num_targets(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> LossOutput:
-        logits = model(
-            batch["tokens"],
-            pixel_values=batch["pixel_values"],
-            aspect_ratio_ids=batch["aspect_ratio_ids"],
-            aspect_ratio_mask=batch["aspect_ratio_mask"],
-            cross_attention_mask=batch["cross_attention_mask"],
-        )
-        loss_sum, n = causal_lm_loss(logits, batch["labels"])
+    def inputs(self, batch: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        keys = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+        return (batch["tokens"],), {k: batch[k] for k in keys}
+
+    def loss_from_output(self, logits: torch.Tensor, batch: dict[str, Any]) -> LossOutput:
+        loss_sum, n = causal_lm_loss(logits, batch["labels"])  # logits (B, T, V)
         return LossOutput(loss_sum, n)
 
-    def flops_per_target(self) -> float | None:
-        return None
+    def export(
+        self, state_dict: dict[str, torch.Tensor], out_dir: str | Path, fmt: str = "meta"
+    ) -> Path | None:
+        """The adapter (encoder, projector, cross-attention, image-token embeddings) in herd's image-adapter
+        layout, which `herd ask` loads; the frozen LLM is referenced by path, not copied. Any
+        `checkpoint.export_format` but "none" writes it (the LLM keeps its own format)."""
+        if fmt == "none":
+            return None
+        return save_multimodal_state(
+            state_dict,
+            self.vision_args,
+            self.cross_attention_layers,
+            self.vision.llm,
+            self.vision.max_tiles,
+            out_dir,
+        )
 
 
 def _normalized(answer: str) -> str:

@@ -12,8 +12,8 @@ import torch
 from synthetic_inputs import draw_image, write_jsonl
 
 from herd.data.cli import add_parsers
-from herd.data.image_sources import ManifestSource
-from herd.data.jsonl_io import read_jsonl
+from herd.data.curation.image_sources import ManifestSource
+from herd.data.records import read_jsonl
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -26,7 +26,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    from herd.data.clip_filter import load_clip, register_model_config
+    from herd.data.curation.clip_filter import load_clip, register_model_config
 
     register_model_config("herd-test-tiny", TINY)
     torch.manual_seed(0)
@@ -60,7 +60,7 @@ def direct_scores(model, preprocess, tokenizer, manifest: Path, n: int) -> np.nd
 
 
 def test_scores_equal_direct_cosine_and_threshold(tiny_clip, tmp_path: Path) -> None:
-    from herd.data.clip_filter import filter_clip
+    from herd.data.curation.clip_filter import filter_clip
 
     model, preprocess, tokenizer = tiny_clip
     manifest = make_manifest(tmp_path)
@@ -104,6 +104,6 @@ def test_cli_with_config_file_and_local_weights(tiny_clip, tmp_path: Path) -> No
         [r["clip_score"] for r in kept], want, atol=1e-5
     )  # the saved weights were used
     with pytest.raises(FileNotFoundError, match="never downloaded"):
-        from herd.data.clip_filter import load_clip
+        from herd.data.curation.clip_filter import load_clip
 
         load_clip("herd-test-file", "openai")

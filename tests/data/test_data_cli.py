@@ -10,7 +10,7 @@ import pytest
 from synthetic_inputs import write_jsonl
 
 from herd.data.cli import add_parsers, main
-from herd.data.jsonl_io import read_parts
+from herd.data.records import read_parts
 
 
 def parser() -> argparse.ArgumentParser:

@@ -14,8 +14,14 @@ import torch.nn.functional as F
 from synthetic_inputs import draw_image, write_jsonl
 from torch import nn
 
-from herd.data.embed import EmbedConfig, embed_source, load_embeddings, shard_files, wait_for_ranks
-from herd.data.image_sources import FolderSource, ManifestSource, TarShardSource, make_source, open_image_ref
+from herd.data.curation.embed import EmbedConfig, embed_source, load_embeddings, shard_files, wait_for_ranks
+from herd.data.curation.image_sources import (
+    FolderSource,
+    ManifestSource,
+    TarShardSource,
+    make_source,
+    open_image_ref,
+)
 
 
 class TinyDescriptor(nn.Module):

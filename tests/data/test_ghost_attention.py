@@ -7,18 +7,18 @@ import json
 import pytest
 import torch
 
-from herd.data.dialogs import encode_sft_example, parse_dialog
-from herd.data.ghost_attention import (
+from herd.data.curation.ghost_attention import (
     SkipDialog,
     add_parser,
     build_gatt_dataset,
     sampling_dialog,
     training_dialog,
 )
-from herd.data.packed_text import IGNORE_INDEX, SkippedRecords
-from herd.tasks.text import export_text_model
+from herd.data.records import IGNORE_INDEX, SkipCounter
+from herd.data.training.dialogs import encode_sft_example, parse_dialog
 from herd.text import build_llama, get_preset
 from herd.text.chat_format import ChatFormat
+from herd.text.loading import save_text_model
 from herd.text.tokenizer import Tokenizer
 from herd.text.vocab_subset import SubsetTokenizer
 
@@ -94,7 +94,7 @@ def fake_sampler(calls):
 
 def test_build_gatt_dataset_writes_the_expected_jsonl(tmp_path):
     dialogs = [DIALOG[:4], [{"role": "user", "content": "hello"}], DIALOG[:2], [*DIALOG[:1], {"role": "assistant", "content": "x"}, {"role": "user", "content": "refuse"}, {"role": "assistant", "content": "y"}]]  # fmt: skip
-    calls, skipped = [], SkippedRecords()
+    calls, skipped = [], SkipCounter()
     out = tmp_path / "gatt.jsonl"
     written = build_gatt_dataset(dialogs, ["A", "B", "C"], fake_sampler(calls), 3, out, skipped=skipped)
     assert written == 2 and skipped.count == 2
@@ -126,7 +126,7 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     args = get_preset("tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16,
                       vocab_size=-(-tok.vocab_size // 64) * 64, max_seq_len=128)  # fmt: skip
-    export_text_model(build_llama(args).state_dict(), args, tok, root / "ckpt", "meta")
+    save_text_model(build_llama(args).state_dict(), args, tok, root / "ckpt", "meta")
     (root / "dialogs.jsonl").write_text(
         json.dumps({"messages": DIALOG}) + "\n" + json.dumps({"messages": DIALOG[:2]}) + "\nnot json\n"
     )

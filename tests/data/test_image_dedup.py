@@ -12,10 +12,10 @@ from PIL import Image
 from synthetic_inputs import thumb_descriptor
 
 from herd.data.cli import add_parsers
-from herd.data.image_dedup import choose_keep, dedup_embeddings, group_members, similarity_histogram
-from herd.data.image_sources import open_image_ref
-from herd.data.jsonl_io import read_jsonl
-from herd.data.near_dup_search import SearchConfig, same_partition
+from herd.data.curation.image_dedup import choose_keep, dedup_embeddings, group_members, similarity_histogram
+from herd.data.curation.image_sources import open_image_ref
+from herd.data.curation.near_dup_search import SearchConfig, same_partition
+from herd.data.records import read_jsonl
 
 pytest.importorskip("faiss")
 

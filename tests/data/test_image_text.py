@@ -13,7 +13,8 @@ import pytest
 import torch.utils.data
 from PIL import Image
 
-from herd.data.image_text import (
+from herd.data.synthetic.shapes import write_shapes_dataset
+from herd.data.training.image_text import (
     ImageTextDataset,
     SkipCounter,
     decode_image,
@@ -21,7 +22,6 @@ from herd.data.image_text import (
     index_tar_shards,
     write_tar_shards,
 )
-from herd.data.synthetic_shapes import write_shapes_dataset
 
 N_TRAIN = 30
 

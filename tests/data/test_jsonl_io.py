@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from herd.data.jsonl_io import RecordReader, atomic_save_npy, atomic_write, read_parts, write_part
+from herd.data.records import RecordReader, atomic_save_npy, atomic_write, read_parts, write_part
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:

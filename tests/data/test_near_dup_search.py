@@ -7,7 +7,7 @@ import pytest
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from herd.data.near_dup_search import (
+from herd.data.curation.near_dup_search import (
     Pairs,
     SearchConfig,
     connected_groups,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from synthetic_inputs import write_jsonl
 
-from herd.data.ngram_resample import (
+from herd.data.curation.ngram_resample import (
     build_vocabulary,
     count_ngrams,
     keep_pair,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from herd.data.packed_text import (
+from herd.data.training.packed_text import (
     IGNORE_INDEX,
     PackedBatches,
     TokenStream,

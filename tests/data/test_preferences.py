@@ -7,9 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from herd.config import PostTrainConfig
-from herd.data.packed_text import SkippedRecords
-from herd.data.preferences import (
+from herd.config import RewardModelConfig
+from herd.data.records import SkipCounter
+from herd.data.synthetic.preferences import (
+    arithmetic_strength,
+    generate_preferences,
+    is_heldout_sum,
+    preference_texts,
+    write_preference_splits,
+)
+from herd.data.synthetic.text import generate_corpus
+from herd.data.training.preferences import (
     PAIR_RESPONSES,
     RESPONSES,
     PreferenceBatches,
@@ -24,14 +32,6 @@ from herd.data.preferences import (
     response_loss_mask,
     write_preferences,
 )
-from herd.data.synthetic_preferences import (
-    arithmetic_strength,
-    generate_preferences,
-    is_heldout_sum,
-    preference_texts,
-    write_preference_splits,
-)
-from herd.data.synthetic_text import generate_corpus
 from herd.text.chat_format import ChatFormat, Message
 from herd.text.tokenizer import Tokenizer
 from herd.text.vocab_subset import SubsetTokenizer
@@ -77,7 +77,7 @@ def test_bad_records_are_skipped_and_counted_with_file_and_line(tmp_path, chat):
         json.dumps({**GOOD, "chosen": "3 plus 4 is 7. " * 40}),  # 9 too long for seq_len 64
     ]  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
-    skipped = SkippedRecords()
+    skipped = SkipCounter()
     records = read_preferences(path, skipped)
     assert len(records) == 2 and skipped.count == 6
     assert [e.split(": ")[0] for e in skipped.examples] == [f"{path}:{i}" for i in (2, 3, 4, 5, 6)]
@@ -178,12 +178,12 @@ def test_batches_split_ranks_shuffle_per_epoch_and_resume():
 
 def test_splits_hold_out_a_fraction(tmp_path, chat):
     path = write_preferences(tmp_path / "p.jsonl", [{**GOOD, "chosen": f"{i}."} for i in range(20)])
-    post = PostTrainConfig(train_data=str(path), val_fraction=0.25)
+    post = RewardModelConfig(train_data=str(path), val_fraction=0.25)
     train, val, skipped = load_preference_splits(post, chat, seq_len=64, seed=0)
     assert (len(train), len(val), skipped.count) == (15, 5, 0)
     assert {e.record.chosen for e in train}.isdisjoint({e.record.chosen for e in val})
-    with pytest.raises(ValueError, match="post.train_data"):
-        load_preference_splits(PostTrainConfig(), chat, 64)
+    with pytest.raises(ValueError, match="rm.train_data"):
+        load_preference_splits(RewardModelConfig(), chat, 64)
 
 
 def test_synthetic_preferences_ground_truth_and_vocabulary(tmp_path):
@@ -208,7 +208,7 @@ def test_synthetic_preferences_ground_truth_and_vocabulary(tmp_path):
         tok.encode(text)
     assert tok.unknown_count == 0
     paths = write_preference_splits(tmp_path, n_train=40, n_val=10)
-    assert len(read_preferences(paths["val"], SkippedRecords())) == 10
+    assert len(read_preferences(paths["val"], SkipCounter())) == 10
 
 
 def test_the_example_runs_end_to_end(tmp_path):

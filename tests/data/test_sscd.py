@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from herd.data.sscd import IMAGENET_MEAN, GeMPool2d, SSCDModel, load_sscd, sscd_transform
+from herd.data.curation.sscd import IMAGENET_MEAN, GeMPool2d, SSCDModel, load_sscd, sscd_transform
 
 
 def test_gem_pooling_formula() -> None:

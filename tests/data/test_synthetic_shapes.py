@@ -1,6 +1,6 @@
 """Synthetic shapes QA: determinism, answers re-derived from scene metadata and pixels, chance, balance.
 
-Also the contact sheet the quickstart draws from these images (herd.data.image_grid).
+Also the contact sheet the quickstart draws from these images (herd.data.synthetic.image_grid).
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from herd.data.image_grid import grid_size, save_image_grid
-from herd.data.image_text import ImageTextDataset
-from herd.data.synthetic_shapes import (
+from herd.data.synthetic.image_grid import grid_size, save_image_grid
+from herd.data.synthetic.shapes import (
     BACKGROUND,
     QUESTION_TYPES,
     RGB,
@@ -27,7 +26,8 @@ from herd.data.synthetic_shapes import (
     question_cycle,
     write_shapes_dataset,
 )
-from herd.data.synthetic_text import COLORS, NUMBER_WORDS, SHAPES
+from herd.data.synthetic.text import COLORS, NUMBER_WORDS, SHAPES
+from herd.data.training.image_text import ImageTextDataset
 
 N = 400  # examples checked; generating without rendering takes milliseconds
 
@@ -190,7 +190,7 @@ def test_text_corpus_scene_questions_follow_the_image_datasets_rules() -> None:
     two red objects) would teach it to guess among the scene's colours instead of reading the scene."""
     import random
 
-    from herd.data.synthetic_text import _scene_qa_doc
+    from herd.data.synthetic.text import _scene_qa_doc
 
     rng = random.Random(0)
     seen = Counter()
@@ -219,7 +219,7 @@ def test_the_quickstart_vocabulary_has_every_word_of_the_image_dataset() -> None
     """The quickstart trims the Llama 3 vocabulary to the text corpus's tokens; a caption word outside
     it ("Two", "from", "and") would be trained on as the unknown token. The corpus writes captions,
     questions and answers in the image dataset's words, and captions come from the same function."""
-    from herd.data.synthetic_text import generate_corpus, scene_caption
+    from herd.data.synthetic.text import generate_corpus, scene_caption
     from herd.tasks.vision import qa_prompt
     from herd.text.tokenizer import load_tokenizer
     from herd.text.vocab_subset import SubsetTokenizer

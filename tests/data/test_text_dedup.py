@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from synthetic_inputs import write_jsonl
 
-from herd.data.jsonl_io import RecordReader, read_jsonl, read_parts
-from herd.data.text_dedup import (
+from herd.data.curation.text_dedup import (
     MinHashDedup,
     ShingleHasher,
     TextDedupConfig,
@@ -19,6 +18,7 @@ from herd.data.text_dedup import (
     normalise_url,
     parse_timestamp,
 )
+from herd.data.records import RecordReader, read_jsonl, read_parts
 
 datasketch = pytest.importorskip("datasketch")
 

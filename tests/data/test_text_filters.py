@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from synthetic_inputs import write_jsonl
 
-from herd.data.jsonl_io import read_jsonl, read_parts
-from herd.data.text_filters import (
+from herd.data.curation.text_filters import (
     FilterConfig,
     HeuristicFilter,
     ReferenceDistribution,
@@ -21,6 +20,7 @@ from herd.data.text_filters import (
     token_kl,
     words,
 )
+from herd.data.records import read_jsonl, read_parts
 
 
 def test_dup_ngram_coverage() -> None:

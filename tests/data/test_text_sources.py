@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from herd.data.packed_text import SkippedRecords
-from herd.data.text_sources import expand_paths, iter_documents, read_parquet_documents
+from herd.data.records import SkipCounter
+from herd.data.training.text_sources import expand_paths, iter_documents, read_parquet_documents
 
 
 def write_lines(path: Path, lines: list[str | bytes]) -> Path:
@@ -32,7 +32,7 @@ def test_jsonl_bad_lines_are_skipped_and_counted(tmp_path):
             json.dumps({"text": "last", "id": 7}),
         ],
     )
-    skipped = SkippedRecords()
+    skipped = SkipCounter()
     assert list(iter_documents("jsonl", [tmp_path / "a.jsonl"], "text", skipped)) == ["first", "last"]
     assert skipped.count == 5
     assert skipped.examples[0].startswith(f"{tmp_path / 'a.jsonl'}:3: JSONDecodeError")
@@ -73,7 +73,7 @@ def test_parquet_in_record_batches_nulls_counted(tmp_path):
     table = pa.table({"id": list(range(50)), "content": texts})
     pq.write_table(table, tmp_path / "part-0.parquet", row_group_size=16)
     pq.write_table(pa.table({"content": ["tail"]}), tmp_path / "part-1.parquet")
-    skipped = SkippedRecords()
+    skipped = SkipCounter()
     docs = list(iter_documents("parquet", [str(tmp_path / "part-*.parquet")], "content", skipped))
     assert docs == [t for t in texts if t is not None] + ["tail"]
     assert skipped.count == 8 and "row 7" in skipped.examples[1]

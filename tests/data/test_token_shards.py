@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from herd.data.packed_text import PackedBatches, SkippedRecords, tokenize_documents
-from herd.data.token_shards import (
+from herd.data.records import SkipCounter
+from herd.data.tokenize_cli import main as tokenize_main
+from herd.data.training.packed_text import PackedBatches, tokenize_documents
+from herd.data.training.token_shards import (
     MANIFEST,
     ShardedTokenStream,
     TokenSlice,
     split_validation,
     write_token_shards,
 )
-from herd.data.tokenize_cli import main as tokenize_main
 
 
 class ByteTokenizer:
@@ -146,7 +147,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     (out / MANIFEST).write_text(json.dumps(partial))
     (out / "tokens-00099.bin").write_bytes(b"stale")
 
-    skipped = SkippedRecords()
+    skipped = SkipCounter()
     write_token_shards(docs, tok, out, shard_tokens=120, inputs=inputs, progress=False, skipped=skipped)
     assert files_of(out) == reference
     # a complete directory is not re-read at all

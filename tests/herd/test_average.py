@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from herd.average import average_checkpoints, main, normalized_weights
-from herd.tasks.text import export_text_model
 from herd.text import build_llama, get_preset
 from herd.text.checkpoint_meta import CheckpointError, save_meta_checkpoint
-from herd.text.loading import load_checkpoint, load_pretrained, model_from_state_dict
+from herd.text.loading import load_checkpoint, load_pretrained, model_from_state_dict, save_text_model
 from herd.text.tokenizer import Tokenizer
 from herd.text.vocab_subset import SubsetTokenizer
 
@@ -30,7 +29,7 @@ def make_checkpoint(root, name, tokenizer, seed, fmt="meta", dtype=None, **overr
     state = build_llama(args).state_dict()
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    return export_text_model(state, args, tokenizer, root / name, fmt)
+    return save_text_model(state, args, tokenizer, root / name, fmt)
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +136,7 @@ def test_cli_writes_a_checkpoint_load_pretrained_reads(checkpoints, tokenizer, t
 
 
 def test_reward_model_exports_average_with_their_score_head(tmp_path, tokenizer, checkpoints):
-    from herd.tasks.reward import load_reward_model, save_reward_model
-    from herd.text.reward_model import RewardModel
+    from herd.text.reward_model import RewardModel, load_reward_model, save_reward_model
 
     models = []
     for seed in (5, 6):

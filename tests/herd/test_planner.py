@@ -35,6 +35,7 @@ from herd.planner import (
     project_throughput,
 )
 from herd.planner_cli import add_parser, parse_count, parse_size
+from herd.plans.llama import LLAMA_PLAN
 from herd.text.args import ModelArgs, get_preset
 
 SHAPES = {
@@ -84,7 +85,7 @@ def measure_step(args: ModelArgs, ac: str, document_mask: bool, attention: str) 
 
     torch.manual_seed(0)
     model = build_llama(args)  # fp32
-    apply_activation_checkpointing(model, ac)
+    apply_activation_checkpointing(model, LLAMA_PLAN.checkpoint_units(model), ac)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     tokens, labels = torch.randint(0, args.vocab_size, (2, B, T))
     docs = (torch.arange(T) * 2 // T).expand(B, T).contiguous() if document_mask else None
@@ -166,7 +167,7 @@ def measure_sharded_forward(args: ModelArgs, tp: int, cp: int, ac: str) -> int:
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
     from herd.parallel.context_parallel import apply_context_parallel, shard_batch_for_cp
-    from herd.parallel.tensor_parallel import apply_tensor_parallel
+    from herd.plans.llama import apply_tensor_parallel
     from herd.text.model import Llama
 
     dist.init_process_group("fake", rank=0, world_size=tp * cp, store=FakeStore())
@@ -176,7 +177,7 @@ def measure_sharded_forward(args: ModelArgs, tp: int, cp: int, ac: str) -> int:
             model = Llama(args)
         if tp > 1:
             apply_tensor_parallel(model, mesh["tp"])  # with sequence parallelism
-        apply_activation_checkpointing(model, ac)
+        apply_activation_checkpointing(model, LLAMA_PLAN.checkpoint_units(model), ac)
         if cp > 1:
             apply_context_parallel(model, mesh["cp"])
         model.to_empty(device="cpu")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from herd.config import load_config
-from herd.data.packed_text import SkippedRecords
+from herd.data.records import SkipCounter
 from herd.parallel.launch import spawn_ranks
 from herd.tasks.ppo import (
     PPOTask,
@@ -30,13 +30,11 @@ from herd.tasks.ppo_rollout import (
     row_uniforms,
     sample_responses,
 )
-from herd.tasks.reward import load_reward_model, save_reward_model
-from herd.tasks.text import export_text_model
 from herd.text import build_llama, get_preset
 from herd.text.chat_format import ChatFormat, Message
 from herd.text.generation import SamplingParams, generate
-from herd.text.loading import load_checkpoint, load_pretrained
-from herd.text.reward_model import RewardModel
+from herd.text.loading import load_checkpoint, load_pretrained, save_text_model
+from herd.text.reward_model import RewardModel, load_reward_model, save_reward_model
 from herd.text.tokenizer import Tokenizer
 from herd.text.vocab_subset import SubsetTokenizer
 from herd.trainer import train
@@ -91,7 +89,7 @@ def setup(tmp_path_factory):
     with torch.no_grad():  # a constant feature in dim 0 read by the " yes" row: P(" yes") ≈ 4% at the start
         policy.tok_embeddings.weight[:, 0] += 3.0
         policy.output.weight[target, 0] = 1.2
-    export_text_model(policy.state_dict(), args, tok, root / "policy", "meta")
+    save_text_model(policy.state_dict(), args, tok, root / "policy", "meta")
     save_reward_model(counting_reward_model(args, target), tok, root / "rm")
     lines = [json.dumps({"prompt": p}) for p in PROMPTS]
     lines[3] = json.dumps({"messages": [{"role": "system", "content": "Be brief."},
@@ -103,12 +101,12 @@ def setup(tmp_path_factory):
 
 def overrides(root, run_dir, *extra):
     return [
-        f"--model.init_from={root / 'policy'}", f"--post.reward_model={root / 'rm'}",
-        f"--post.train_data={root / 'prompts.jsonl'}", f"--train.run_dir={run_dir}", "--data.batch_size=8",
+        f"--model.init_from={root / 'policy'}", f"--ppo.reward_model={root / 'rm'}",
+        f"--ppo.train_data={root / 'prompts.jsonl'}", f"--train.run_dir={run_dir}", "--data.batch_size=8",
         "--metrics.log_every=1", "--train.eval_every=0", "--metrics.tensorboard=false",
         "--checkpoint.save_final=false", "--checkpoint.resume=none", "--train.device=cpu",
         "--optimizer.lr=1e-3", "--schedule.warmup_steps=0", "--schedule.decay=constant",
-        "--post.ppo_epochs=2", "--post.max_new_tokens=8", "--post.kl_coef=0.05", *extra,
+        "--ppo.epochs=2", "--ppo.max_new_tokens=8", "--ppo.kl_coef=0.05", *extra,
     ]  # fmt: skip
 
 
@@ -292,26 +290,26 @@ def test_prompt_batches_rounds_ranks_and_resume():
 def test_bad_prompt_records_are_skipped_and_counted(setup):
     root, _ = setup
     _, tok = load_pretrained(root / "policy")
-    skipped = SkippedRecords()
+    skipped = SkipCounter()
     prompts = read_prompts(root / "prompts.jsonl", ChatFormat(tok), 40, skipped)
     assert len(prompts) == 8 and skipped.count == 2
     assert skipped.examples[0].endswith("prompts.jsonl:9: not JSON (JSONDecodeError)")
     assert "prompts.jsonl:10: the last message must be a user turn" in skipped.examples[1]
-    short = SkippedRecords()
+    short = SkipCounter()
     assert (
         len(read_prompts(root / "prompts.jsonl", ChatFormat(tok), 12, short)) < 8
         and "prompt tokens" in short.examples[-1]
     )
     with pytest.raises(ValueError, match="data-parallel only"):
-        PPOTask(load_config(None, overrides(root, root / "x", "--parallel.tp=2")))
+        PPOTask.from_config(load_config(None, overrides(root, root / "x", "--parallel.tp=2")))
 
 
 def test_rollout_rewards_whiten_scores_and_penalise_unfinished_replies(setup, tmp_path):
     root, _ = setup
     cfg = load_config(
-        None, overrides(root, tmp_path, "--post.whiten_reward=true", "--post.missing_stop_penalty=0.5")
+        None, overrides(root, tmp_path, "--ppo.whiten_reward=true", "--ppo.missing_stop_penalty=0.5")
     )
-    task = PPOTask(cfg)
+    task = PPOTask.from_config(cfg)
     mask = torch.tensor([[True, True, False], [True, True, True]])
     responses = Responses(None, None, mask, None, finished=torch.tensor([True, False]))
     ref = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -0.5]])
@@ -320,7 +318,7 @@ def test_rollout_rewards_whiten_scores_and_penalise_unfinished_replies(setup, tm
     values = torch.tensor([[0.1, 0.2, 0.3], [0.0, -0.1, 0.4]])
     task._advantages(ro, logprobs, values)
     # scores 1, 3 whitened to −1, +1; the second reply has no stop token: −0.5
-    rewards, _ = kl_penalized_rewards(torch.tensor([-1.0, 0.5]), logprobs, ref, mask, cfg.post.kl_coef)
+    rewards, _ = kl_penalized_rewards(torch.tensor([-1.0, 0.5]), logprobs, ref, mask, cfg.ppo.kl_coef)
     advantages, returns = gae_advantages(rewards, values, mask, 1.0, 0.95)
     assert torch.allclose(ro.advantages, whiten(advantages, mask)) and torch.allclose(ro.returns, returns)
     assert ro.scale == 6 / 5 and ro.global_tokens == 5
@@ -339,7 +337,7 @@ def digest(module) -> str:
 def test_ppo_learns_the_toy_reward_with_frozen_reference_and_reward(setup, tmp_path):
     root, target = setup
     cfg = load_config(None, overrides(root, tmp_path, "--train.steps=100", "--metrics.log_every=25"))
-    task = PPOTask(cfg)
+    task = PPOTask.from_config(cfg)
     assert task.skipped.count == 2
     result = train(cfg, task, show_progress=False)
     model, hist = result.model, task.history
@@ -373,8 +371,8 @@ def test_ppo_learns_the_toy_reward_with_frozen_reference_and_reward(setup, tmp_p
 
 def ppo_history(root, run_dir, extra):
     cfg = load_config(None, overrides(root, run_dir, "--train.steps=2", "--data.batch_size=4",
-                                      "--post.max_new_tokens=4", *extra))  # fmt: skip
-    task = PPOTask(cfg)
+                                      "--ppo.max_new_tokens=4", *extra))  # fmt: skip
+    task = PPOTask.from_config(cfg)
     result = train(cfg, task, show_progress=False)
     return [h["loss"] for h in result.history], task.history
 

@@ -9,16 +9,10 @@ from tiny_workspaces import write_preference_workspace
 from torch import nn
 
 from herd.config import load_config
-from herd.data.preferences import parse_preference
+from herd.data.training.preferences import parse_preference
 from herd.parallel.launch import spawn_ranks
-from herd.tasks.reward import (
-    MARGINS,
-    RewardModelTask,
-    bradley_terry_loss,
-    evaluate_ranking,
-    load_reward_model,
-    save_reward_model,
-)
+from herd.tasks.reward import MARGINS, RewardModelTask, bradley_terry_loss, evaluate_ranking
+from herd.text.reward_model import load_reward_model, save_reward_model
 from herd.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -31,8 +25,8 @@ def setup(tmp_path_factory):
 
 def overrides(root, run_dir, *extra):
     return [
-        f"--model.init_from={root / 'llm'}", f"--post.train_data={root / 'prefs' / 'train.jsonl'}",
-        f"--post.val_data={root / 'prefs' / 'val.jsonl'}", f"--train.run_dir={run_dir}", "--data.batch_size=8",
+        f"--model.init_from={root / 'llm'}", f"--rm.train_data={root / 'prefs' / 'train.jsonl'}",
+        f"--rm.val_data={root / 'prefs' / 'val.jsonl'}", f"--train.run_dir={run_dir}", "--data.batch_size=8",
         "--data.seq_len=96", "--metrics.log_every=1", "--train.eval_every=0", "--metrics.tensorboard=false",
         "--checkpoint.save_final=false", "--checkpoint.resume=none", "--train.device=cpu", "--optimizer.lr=3e-3",
         "--schedule.warmup_steps=5", *extra,
@@ -52,7 +46,7 @@ class FixedRewards(nn.Module):
 
 @pytest.mark.parametrize("margin", ["none", "small", "large"])
 def test_bradley_terry_loss_with_each_margin_equals_the_formula(setup, tmp_path, margin):
-    task = RewardModelTask(load_config(None, overrides(setup, tmp_path, f"--post.margin={margin}")))
+    task = RewardModelTask.from_config(load_config(None, overrides(setup, tmp_path, f"--rm.margin={margin}")))
     strengths = ["significantly_better", "better", "slightly_better", "negligibly_better"]
     base = {"prompt": "Question: what is 3 plus 4?", "chosen": "3 plus 4 is 7.", "rejected": "3 plus 4 is 9."}
     records = [parse_preference({**base, "strength": s}) for s in strengths]
@@ -70,7 +64,7 @@ def test_bradley_terry_loss_with_each_margin_equals_the_formula(setup, tmp_path,
 
 
 def test_edited_response_adds_three_ordered_pairs(setup, tmp_path):
-    task = RewardModelTask(load_config(None, overrides(setup, tmp_path, "--post.margin=large")))
+    task = RewardModelTask.from_config(load_config(None, overrides(setup, tmp_path, "--rm.margin=large")))
     record = parse_preference({"prompt": "Question: what is 3 plus 4?", "chosen": "7.", "rejected": "3 plus 4 is 9.",
                                "edited": "3 plus 4 is 7.", "strength": "better"})  # fmt: skip
     batch = task.collate([record])
@@ -86,7 +80,7 @@ def test_edited_response_adds_three_ordered_pairs(setup, tmp_path):
 
 def test_ranking_accuracy_rises_above_chance_and_export_round_trips(setup, tmp_path):
     cfg = load_config(None, overrides(setup, tmp_path, "--train.steps=40", "--data.batch_size=16"))
-    task = RewardModelTask(cfg)
+    task = RewardModelTask.from_config(cfg)
     start = task.build_model()
     start.to_empty(device="cpu")
     start.trunk.init_rope()
@@ -126,12 +120,12 @@ def test_ranking_accuracy_rises_above_chance_and_export_round_trips(setup, tmp_p
 
 
 def test_unsupported_layouts_and_margins_are_clear_errors(setup, tmp_path):
-    with pytest.raises(ValueError, match="post.margin"):
-        RewardModelTask(load_config(None, overrides(setup, tmp_path, "--post.margin=huge")))
+    with pytest.raises(ValueError, match="rm.margin"):
+        RewardModelTask.from_config(load_config(None, overrides(setup, tmp_path, "--rm.margin=huge")))
     with pytest.raises(ValueError, match="context parallelism"):
-        RewardModelTask(load_config(None, overrides(setup, tmp_path, "--parallel.cp=2")))
+        RewardModelTask.from_config(load_config(None, overrides(setup, tmp_path, "--parallel.cp=2")))
     with pytest.raises(ValueError, match="sequence_parallel"):
-        RewardModelTask(
+        RewardModelTask.from_config(
             load_config(
                 None, overrides(setup, tmp_path, "--parallel.tp=2", "--parallel.sequence_parallel=false")
             )
@@ -140,7 +134,7 @@ def test_unsupported_layouts_and_margins_are_clear_errors(setup, tmp_path):
 
 def run_rm(root, run_dir, extra):
     cfg = load_config(None, overrides(root, run_dir, "--train.steps=3", *extra))
-    return [h["loss"] for h in train(cfg, RewardModelTask(cfg), show_progress=False).history]
+    return [h["loss"] for h in train(cfg, RewardModelTask.from_config(cfg), show_progress=False).history]
 
 
 def run_rm_layouts(root, run_dir, layouts):

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from herd.data.dialogs import parse_dialog
-from herd.data.packed_text import SkippedRecords
+from herd.data.records import SkipCounter
+from herd.data.training.dialogs import parse_dialog
 from herd.sample import (
     RewardModelScorer,
     main,
@@ -16,12 +16,11 @@ from herd.sample import (
     sample_recompute,
     sample_shared_prefix,
 )
-from herd.tasks.reward import load_reward_model, save_reward_model
-from herd.tasks.text import export_text_model
 from herd.text import build_llama, get_preset
 from herd.text.chat_format import ChatFormat, Message
 from herd.text.generation import SamplingParams, generate
-from herd.text.reward_model import RewardModel
+from herd.text.loading import save_text_model
+from herd.text.reward_model import RewardModel, load_reward_model, save_reward_model
 from herd.text.tokenizer import Tokenizer
 from herd.text.vocab_subset import SubsetTokenizer
 
@@ -117,7 +116,7 @@ def chat_setup(tmp_path_factory):
     vocab = -(-tok.vocab_size // 64) * 64  # padded: rows above tok.vocab_size are not tokens
     torch.manual_seed(0)
     policy = build_llama(tiny_args(vocab, max_seq_len=128)).eval()
-    export_text_model(policy.state_dict(), policy.args, tok, root / "policy", "meta")
+    save_text_model(policy.state_dict(), policy.args, tok, root / "policy", "meta")
     torch.manual_seed(1)
     rm = RewardModel(tiny_args(vocab, max_seq_len=64))
     rm.init_weights()
@@ -184,7 +183,7 @@ def test_read_prompts_skips_and_counts_bad_records(tmp_path):
              '{"messages": [{"role": "boss", "content": "Hi"}]}', '{"prompt": ""}', "[1, 2]",
              '{"messages": [{"role": "user", "content": "Hi", "name": "x"}]}']  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
-    skipped = SkippedRecords()
+    skipped = SkipCounter()
     good = read_prompts(path, skipped)
     assert [w for w, _ in good] == [f"{path}:1", f"{path}:3"]
     assert good[0][1] == [Message("user", "Why?")]

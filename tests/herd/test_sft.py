@@ -8,20 +8,20 @@ import pytest
 import torch
 
 from herd.config import load_config
-from herd.data.dialogs import (
+from herd.data.records import IGNORE_INDEX, SkipCounter
+from herd.data.training.dialogs import (
     DialogBatches,
     collate_rows,
     encode_sft_example,
     read_dialogs,
     sequential_dialog_batches,
 )
-from herd.data.packed_text import IGNORE_INDEX, SkippedRecords
+from herd.losses import causal_lm_loss
 from herd.parallel.launch import spawn_ranks
 from herd.tasks.sft import SFTTask
-from herd.tasks.text import causal_lm_loss, export_text_model
 from herd.text import build_llama, get_preset
 from herd.text.chat_format import ChatFormat, Message
-from herd.text.loading import load_pretrained
+from herd.text.loading import load_pretrained, save_text_model
 from herd.text.tokenizer import Tokenizer
 from herd.text.vocab_subset import SubsetTokenizer
 from herd.trainer import train
@@ -59,7 +59,7 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     args = get_preset("tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16,
                       vocab_size=-(-tok.vocab_size // 64) * 64, max_seq_len=128)  # fmt: skip
-    export_text_model(build_llama(args).state_dict(), args, tok, root / "base", "meta")
+    save_text_model(build_llama(args).state_dict(), args, tok, root / "base", "meta")
     write_jsonl(root / "train.jsonl", dialogs)
     return root
 
@@ -119,7 +119,7 @@ def test_masked_positions_get_exactly_zero_gradient(setup, fmt):
 
 def test_packed_row_equals_each_dialog_alone(setup, fmt):
     model, _ = load_pretrained(setup / "base")
-    dialogs = read_dialogs(setup / "train.jsonl", fmt, 128, SkippedRecords())[:3]
+    dialogs = read_dialogs(setup / "train.jsonl", fmt, 128, SkipCounter())[:3]
     layout = [[0, 1], [2]]  # two dialogs of ~50 tokens packed, one alone with padding
     batch = collate_rows(dialogs, layout, 128, pad_id=0)
     with torch.no_grad():
@@ -153,16 +153,16 @@ def test_bad_records_are_skipped_and_counted(tmp_path, fmt):
     ]  # fmt: skip
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    skipped = SkippedRecords()
+    skipped = SkipCounter()
     dialogs = read_dialogs(path, fmt, 128, skipped)
     assert [d.where for d in dialogs] == [f"{path}:1", f"{path}:8"]
     assert skipped.count == 6
     reasons = ["not JSON", '"messages" list', "unknown role 'robot'", "no assistant message to train on",
                "no assistant message to train on"]  # fmt: skip
-    assert len(skipped.examples) == 5  # SkippedRecords keeps the first five
+    assert len(skipped.examples) == 5  # SkipCounter keeps the first five
     for line, reason, example in zip((2, 3, 4, 5, 6), reasons, skipped.examples):
         assert example.startswith(f"{path}:{line}: ") and reason in example, example
-    alone = SkippedRecords()
+    alone = SkipCounter()
     (tmp_path / "long.jsonl").write_text(lines[-1] + "\n")
     assert read_dialogs(tmp_path / "long.jsonl", fmt, 128, alone) == [] and alone.count == 1
     assert (
@@ -172,7 +172,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path, fmt):
 
 
 def dialog_batches(setup, fmt, **kw):
-    dialogs = read_dialogs(setup / "train.jsonl", fmt, 128, SkippedRecords())
+    dialogs = read_dialogs(setup / "train.jsonl", fmt, 128, SkipCounter())
     return DialogBatches(dialogs, 128, 4, seed=3, pad_id=0, **kw)
 
 
@@ -209,11 +209,11 @@ def test_rank_split_is_disjoint(setup, fmt):
 
 def sft_config(setup, run_dir, *extra):
     return load_config(None, [
-        f"--model.init_from={setup / 'base'}", f"--post.train_data={setup / 'train.jsonl'}",
+        f"--model.init_from={setup / 'base'}", f"--sft.train_data={setup / 'train.jsonl'}",
         f"--train.run_dir={run_dir}", "--data.seq_len=128", "--data.batch_size=4", "--metrics.log_every=1",
         "--train.eval_every=0", "--metrics.tensorboard=false", "--checkpoint.save_final=false",
         "--checkpoint.resume=none", "--train.device=cpu", "--optimizer.lr=3e-3", "--schedule.warmup_steps=2",
-        "--post.val_fraction=0", *extra,
+        "--sft.val_fraction=0", *extra,
     ])  # fmt: skip
 
 
@@ -228,9 +228,9 @@ def dialog_loss(model, task) -> float:
 
 def test_sft_lowers_the_assistant_loss(setup, tmp_path):
     with pytest.raises(ValueError, match="model.init_from"):
-        SFTTask(load_config(None, [f"--post.train_data={setup / 'train.jsonl'}"]))
+        SFTTask.from_config(load_config(None, [f"--sft.train_data={setup / 'train.jsonl'}"]))
     cfg = sft_config(setup, tmp_path, "--train.steps=8", "--optimizer.lr=1e-2")
-    task = SFTTask(cfg)
+    task = SFTTask.from_config(cfg)
     assert task.tokenizer.unknown_count == 0  # every dialog token is in the checkpoint's vocabulary
     before = dialog_loss(load_pretrained(setup / "base")[0], task)
     result = train(cfg, task, show_progress=False)
@@ -244,7 +244,7 @@ def test_sft_lowers_the_assistant_loss(setup, tmp_path):
 
 def sft_losses(setup, run_dir, extra):
     cfg = sft_config(setup, run_dir, "--train.steps=3", *extra)
-    return [h["loss"] for h in train(cfg, SFTTask(cfg), show_progress=False).history]
+    return [h["loss"] for h in train(cfg, SFTTask.from_config(cfg), show_progress=False).history]
 
 
 _SINGLE: dict[str, list[float]] = {}
@@ -269,7 +269,7 @@ def test_herd_train_sft_command_exports_a_loadable_model(setup, tmp_path):
 
     config = Path(__file__).resolve().parents[2] / "configs" / "post" / "sft_tiny.toml"
     main(["train", "sft", "--config", str(config), f"--model.init_from={setup / 'base'}",
-          f"--post.train_data={setup / 'train.jsonl'}", f"--train.run_dir={tmp_path}", "--train.steps=2",
+          f"--sft.train_data={setup / 'train.jsonl'}", f"--train.run_dir={tmp_path}", "--train.steps=2",
           "--train.eval_every=0", "--data.batch_size=4"])  # fmt: skip
     model, tok = load_pretrained(tmp_path / "model")
     base, _ = load_pretrained(setup / "base")

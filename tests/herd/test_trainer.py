@@ -39,8 +39,8 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
         "--metrics.log_every=1",
     )
     ra, rb = (
-        train(big, TextPretrainTask(big), show_progress=False),
-        train(acc, TextPretrainTask(acc), show_progress=False),
+        train(big, TextPretrainTask.from_config(big), show_progress=False),
+        train(acc, TextPretrainTask.from_config(acc), show_progress=False),
     )
     la = [r["loss"] for r in read_metrics(tmp_path / "a") if "split" not in r]
     lb = [r["loss"] for r in read_metrics(tmp_path / "b") if "split" not in r]
@@ -74,7 +74,7 @@ def test_training_learns_and_writes_metrics(tmp_path):
         "--schedule.warmup_steps=5",
         "--data.val_fraction=0.2",
     )
-    result = train(cfg, TextPretrainTask(cfg), show_progress=False)
+    result = train(cfg, TextPretrainTask.from_config(cfg), show_progress=False)
     records = read_metrics(tmp_path)
     train_losses = [r["loss"] for r in records if "split" not in r]
     assert [r["step"] for r in records if "split" not in r] == [10, 20, 30, 40]
@@ -95,7 +95,7 @@ class FrozenEmbeddingTask(TextPretrainTask):
 
 def test_frozen_parameters_never_change_and_are_not_optimised(tmp_path):
     cfg = config(tmp_path, "--data.batch_size=4", "--train.steps=3", "--optimizer.weight_decay=0.5")
-    task = FrozenEmbeddingTask(cfg)
+    task = FrozenEmbeddingTask.from_config(cfg)
     result = train(cfg, task, show_progress=False)
     assert torch.equal(task.initial_embedding, result.model.tok_embeddings.weight)
     moved = [n for n, p in result.model.named_parameters() if p.requires_grad]
@@ -104,7 +104,7 @@ def test_frozen_parameters_never_change_and_are_not_optimised(tmp_path):
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):
     cfg = config(tmp_path, "--data.batch_size=4", "--train.steps=5")
-    task = TextPretrainTask(cfg)
+    task = TextPretrainTask.from_config(cfg)
     real_loss = task.loss
     calls = {"n": 0}
 
@@ -132,7 +132,7 @@ class TopOneAccuracyTask(TextPretrainTask):
 
 def test_task_extras_are_summed_over_the_window_and_logged_per_target(tmp_path):
     cfg = config(tmp_path, "--data.batch_size=4", "--train.steps=4", "--metrics.log_every=2")
-    task = TopOneAccuracyTask(cfg)
+    task = TopOneAccuracyTask.from_config(cfg)
     task.seen = []
     result = train(cfg, task, show_progress=False)
     logged = [h["correct"] for h in result.history if "split" not in h]

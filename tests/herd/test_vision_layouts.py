@@ -16,6 +16,7 @@ from herd.config import load_config
 from herd.parallel.dims import ParallelDims, ParallelLayoutError
 from herd.parallel.launch import spawn_ranks
 from herd.parallel.parallelize import parallelize
+from herd.plans.multimodal import MULTIMODAL_PLAN
 from herd.tasks.vision import VisionTask
 from herd.text import get_preset
 from herd.text.loading import load_checkpoint
@@ -39,7 +40,7 @@ def run_vision(root, run_dir, extra: list[str]) -> dict:
         "--checkpoint.save_final=false", "--checkpoint.resume=none", "--train.device=cpu",
         "--optimizer.lr=3e-3", "--schedule.warmup_steps=2", *extra,
     ])  # fmt: skip
-    result = train(cfg, VisionTask(cfg), show_progress=False)
+    result = train(cfg, VisionTask.from_config(cfg), show_progress=False)
     full = result.runtime.full_state_dict()  # collective; the whole model on rank 0
     out = {"loss": [h["loss"] for h in result.history], "grad_norm": [h["grad_norm"] for h in result.history]}
     if full is not None:
@@ -95,13 +96,13 @@ CASES = [((0, 1, 2), True), ((1,), True), ((0, 1, 2), False)]  # cross-attention
 def tp_gradients() -> list:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from herd.parallel.tensor_parallel import apply_tensor_parallel_to_all
+    from herd.plans.multimodal import apply_multimodal_tensor_parallel
 
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
     out = []
     for layers, sequence_parallel in CASES:
         model = tiny_multimodal(layers)
-        apply_tensor_parallel_to_all(model, mesh["tp"], sequence_parallel)
+        apply_multimodal_tensor_parallel(model, mesh["tp"], sequence_parallel)
         assert not any(p.requires_grad for p in model.llm.parameters())  # SP's norms stay frozen
         assert not any(isinstance(p, DTensor) for p in model.trainable_parameters())  # replicated adapter
         out.append(gradients(model))
@@ -168,4 +169,4 @@ def test_context_parallel_is_refused_at_startup():
     with pytest.raises(
         ParallelLayoutError, match="context parallelism is not supported for the image adapter"
     ):
-        parallelize(model, ParallelDims(1, 1, 2, 1, 1, world_size=2), None, cfg.parallel)
+        parallelize(model, MULTIMODAL_PLAN, ParallelDims(1, 1, 2, 1, 1, world_size=2), None, cfg.parallel)

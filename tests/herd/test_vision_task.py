@@ -29,7 +29,7 @@ def overrides(root, run_dir, *extra):
 
 def run_vision(root, run_dir, extra):
     cfg = load_config(None, overrides(root, run_dir, *extra))
-    result = train(cfg, VisionTask(cfg), show_progress=False)
+    result = train(cfg, VisionTask.from_config(cfg), show_progress=False)
     return [h["loss"] for h in result.history]
 
 
@@ -42,7 +42,7 @@ def llm_digest(model) -> str:
 
 def test_llm_stays_frozen_and_adapter_learns(setup, tmp_path):
     cfg = load_config(None, overrides(setup, tmp_path, "--train.steps=12"))
-    task = VisionTask(cfg)
+    task = VisionTask.from_config(cfg)
     reference = task._new_model()
     reference.llm.load_state_dict(task._llm_state)
     before = llm_digest(reference)
@@ -75,7 +75,7 @@ def test_mixed_objective_puts_a_caption_on_every_nth_row(setup, tmp_path):
     cfg = load_config(
         None, overrides(setup, tmp_path, "--vision.objective=mixed", "--vision.caption_every=3")
     )
-    task = VisionTask(cfg)
+    task = VisionTask.from_config(cfg)
     sample = {
         "question": "What color is the square?",
         "answer": "red",
@@ -93,7 +93,7 @@ def test_mixed_objective_puts_a_caption_on_every_nth_row(setup, tmp_path):
     cap_ids, ans_ids = task.tokenizer.encode(caption[1]) + [eot], task.tokenizer.encode(qa[1]) + [eot]
     assert labelled == [cap_ids, ans_ids, ans_ids]  # the loss is on the caption or on the answer only
     with pytest.raises(ValueError, match="caption_every"):
-        VisionTask(load_config(None, overrides(setup, tmp_path, "--vision.caption_every=0")))
+        VisionTask.from_config(load_config(None, overrides(setup, tmp_path, "--vision.caption_every=0")))
 
 
 def test_a_restated_answer_must_name_the_asked_object() -> None:
@@ -109,7 +109,7 @@ def test_a_restated_answer_must_name_the_asked_object() -> None:
 
 
 def test_qa_target_is_the_full_response_when_the_sample_has_one(setup, tmp_path):
-    task = VisionTask(load_config(None, overrides(setup, tmp_path, "--vision.objective=qa")))
+    task = VisionTask.from_config(load_config(None, overrides(setup, tmp_path, "--vision.objective=qa")))
     sample = {"question": "What color is the square?", "answer": "red", "response": "the square is red"}
     assert task.target_text(sample) == ("Question: What color is the square? Answer:", " the square is red")
     assert task.target_text({**sample, "response": ""})[1] == " red"
@@ -127,7 +127,7 @@ def test_quickstart_multipliers_speed_up_the_adapter_gates_only(setup):
         config_path("quickstart_vision.toml"),
         [f"--vision.llm={setup / 'llm'}", f"--vision.train_manifest={setup / 'shapes' / 'train.jsonl'}"],
     )
-    task = VisionTask(cfg)
+    task = VisionTask.from_config(cfg)
     assert task.vision_args.positional_init == "sincos"
     model = task._new_model()
     lr = cfg.optimizer.lr

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch
 
-from herd.data.synthetic_preferences import generate_preferences, preference_texts, write_preference_splits
-from herd.data.synthetic_shapes import write_shapes_dataset
-from herd.tasks.text import export_text_model
+from herd.data.synthetic.preferences import generate_preferences, preference_texts, write_preference_splits
+from herd.data.synthetic.shapes import write_shapes_dataset
 from herd.text import build_llama, get_preset
+from herd.text.loading import save_text_model
 from herd.text.tokenizer import Tokenizer
 from herd.text.vocab_subset import SubsetTokenizer
 
@@ -25,7 +25,7 @@ def write_tiny_llm(out_dir: Path, texts: list[str], max_seq_len: int) -> None:
     torch.manual_seed(0)
     args = get_preset("tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16,
                       vocab_size=-(-tok.vocab_size // 64) * 64, max_seq_len=max_seq_len)  # fmt: skip
-    export_text_model(build_llama(args).state_dict(), args, tok, out_dir, "meta")
+    save_text_model(build_llama(args).state_dict(), args, tok, out_dir, "meta")
 
 
 def write_preference_workspace(root: Path, n_train: int, n_val: int) -> Path:

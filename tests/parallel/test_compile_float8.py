@@ -5,6 +5,7 @@ import torch
 
 from herd.config import load_config
 from herd.parallel.activation_checkpoint import apply_float8
+from herd.plans.llama import LLAMA_PLAN
 from herd.tasks.text import TextPretrainTask
 from herd.text import build_llama, get_preset
 from herd.trainer import train
@@ -19,7 +20,7 @@ BASE = [
 
 def losses(tmp_path, *extra):
     cfg = load_config(None, [f"--train.run_dir={tmp_path}", *BASE, *extra])
-    return [h["loss"] for h in train(cfg, TextPretrainTask(cfg), show_progress=False).history]
+    return [h["loss"] for h in train(cfg, TextPretrainTask.from_config(cfg), show_progress=False).history]
 
 
 @pytest.mark.slow
@@ -34,7 +35,7 @@ def test_compiled_blocks_match_eager(tmp_path, monkeypatch):
 def test_float8_without_hopper_gpu_is_a_clear_error():
     model = build_llama(get_preset("tiny", dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64))
     with pytest.raises(RuntimeError, match="compute capability >= 8.9"):
-        apply_float8(model)
+        apply_float8(model, LLAMA_PLAN.float8_skip)
 
 
 def _hopper() -> bool:
@@ -55,6 +56,6 @@ def test_float8_training_tracks_bf16_on_a_hopper_gpu(tmp_path):
     assert fp8[-1] < fp8[0] - 0.5, fp8
     assert max(abs(a - b) / b for a, b in zip(bf16, fp8)) < 0.05, (bf16, fp8)
     cfg = load_config(None, [f"--train.run_dir={tmp_path / 'swap'}", *BASE, *gpu, "--parallel.float8=true"])
-    model = train(cfg, TextPretrainTask(cfg), show_progress=False).model
+    model = train(cfg, TextPretrainTask.from_config(cfg), show_progress=False).model
     kinds = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert kinds["output"] == "Linear" and any(k == "Float8Linear" for k in kinds.values()), kinds

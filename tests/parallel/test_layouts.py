@@ -22,7 +22,7 @@ BASE = [
 
 def run_losses(run_dir: str, overrides: list[str]) -> list[float]:
     cfg = load_config(None, [f"--train.run_dir={run_dir}", *BASE, *overrides])
-    result = train(cfg, TextPretrainTask(cfg), show_progress=False)
+    result = train(cfg, TextPretrainTask.from_config(cfg), show_progress=False)
     return [h["loss"] for h in result.history if "split" not in h]
 
 

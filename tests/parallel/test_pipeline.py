@@ -6,16 +6,17 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from herd.config import ParallelConfig
+from herd.losses import causal_lm_loss
 from herd.parallel.launch import spawn_ranks
 from herd.parallel.pipeline import (
     build_pipeline,
-    build_stage_module,
     default_materialize,
     split_layers,
     stage_ids_for_rank,
     validate_pipeline_config,
 )
-from herd.tasks.text import causal_lm_loss
+from herd.plans.llama import LLAMA_PLAN, build_stage_module
+from herd.tasks.text import CausalLMObjective
 from herd.text.args import get_preset
 from herd.text.model import Llama, build_llama
 
@@ -185,7 +186,10 @@ def _run_schedules(cases):
             pp=pp, pp_schedule=schedule, pp_virtual_stages=virtual, pp_fewer_layers_on_ends=fewer
         )
         mesh = init_device_mesh("cpu", (pp,), mesh_dim_names=("pp",)) if virtual == 1 else dist.group.WORLD
-        rt = build_pipeline(meta, mesh, cfg, torch.device("cpu"), n_mb, materialize_fn=materialize)
+        rt = build_pipeline(
+            meta, LLAMA_PLAN.pipeline, mesh, cfg, torch.device("cpu"), CausalLMObjective(), n_mb,
+            materialize_fn=materialize,
+        )  # fmt: skip
         out.append(_deviations(rt, batch, half, ref_full, ref_half))
         dist.barrier()
     return out
@@ -228,12 +232,15 @@ def _errors():
     messages = []
     cfg = ParallelConfig(pp=2, pp_schedule="ZBVZeroBubble", pp_virtual_stages=2)
     try:
-        build_pipeline(meta, dist.group.WORLD, cfg, torch.device("cpu"), 4)
+        build_pipeline(
+            meta, LLAMA_PLAN.pipeline, dist.group.WORLD, cfg, torch.device("cpu"), CausalLMObjective(), 4
+        )
     except NotImplementedError as e:
         messages.append(str(e))
     rt = build_pipeline(
-        meta, dist.group.WORLD, ParallelConfig(pp=2, pp_schedule="GPipe"), torch.device("cpu"), 4
-    )
+        meta, LLAMA_PLAN.pipeline, dist.group.WORLD, ParallelConfig(pp=2, pp_schedule="GPipe"),
+        torch.device("cpu"), CausalLMObjective(), 4,
+    )  # fmt: skip
     try:
         rt.step(_batch(), 1.0)  # 6 sequences, 4 microbatches
     except ValueError as e:

@@ -19,7 +19,7 @@ BASE = [
 
 def losses_by_step(run_dir: str, overrides: list[str]) -> dict[int, float]:
     cfg = load_config(None, [f"--train.run_dir={run_dir}", *BASE, *overrides])
-    result = train(cfg, TextPretrainTask(cfg), show_progress=False)
+    result = train(cfg, TextPretrainTask.from_config(cfg), show_progress=False)
     return {h["step"]: h["loss"] for h in result.history if "split" not in h}
 
 
@@ -53,7 +53,7 @@ def test_auto_resume_continues_an_interrupted_run(tmp_path):
 
 def test_non_finite_loss_names_the_last_good_checkpoint(tmp_path):
     cfg = load_config(None, [f"--train.run_dir={tmp_path}", *BASE])
-    task = TextPretrainTask(cfg)
+    task = TextPretrainTask.from_config(cfg)
     real_loss, calls = task.loss, {"n": 0}
 
     def poisoned(model, batch):

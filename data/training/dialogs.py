@@ -15,9 +15,9 @@ of L chat-format tokens fills L-1 positions of a row.
 
 Rows hold `seq_len` positions. With packing, whole dialogs are placed greedily (next-fit, in the epoch's
 shuffled order) into a row and carry row-local document ids 0, 1, ..., so the document mask (the same
-convention as `herd.data.packed_text`) keeps attention inside each dialog; the rest of the row is padding
+convention as `herd.data.training.packed_text`) keeps attention inside each dialog; the rest of the row is padding
 with its own document id and no targets. Without packing each row holds one dialog. Bad records are
-skipped and counted (`SkippedRecords`) with file and line.
+skipped and counted (`SkipCounter`) with file and line.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from herd.data.packed_text import IGNORE_INDEX, SkippedRecords
+from herd.data.records import IGNORE_INDEX, SkipCounter
 from herd.text.chat_format import ROLES, ChatFormat, Message
 
 _MESSAGE_KEYS = {"role", "content", "train", "tool_calls", "stop_reason"}
@@ -105,7 +105,7 @@ def encode_sft_example(
 
 
 def read_dialogs(
-    paths: str | Path | Sequence[str | Path], fmt: ChatFormat, seq_len: int, skipped: SkippedRecords
+    paths: str | Path | Sequence[str | Path], fmt: ChatFormat, seq_len: int, skipped: SkipCounter
 ) -> list[EncodedDialog]:
     """Every usable dialog of the jsonl file(s), encoded; bad records go to `skipped` as "file:line: why"."""
     files = [paths] if isinstance(paths, str | Path) else list(paths)
@@ -121,16 +121,18 @@ def read_dialogs(
                 try:
                     record = json.loads(raw.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    skipped.add(f"{where}: not JSON ({type(e).__name__})")
+                    skipped.add("bad_json", where, f"not JSON ({type(e).__name__})")
                     continue
                 try:
                     messages, train = parse_dialog(record)
                 except ValueError as e:
-                    skipped.add(f"{where}: {e}")
+                    skipped.add("bad_record", where, str(e))
                     continue
                 tokens, labels = encode_sft_example(fmt, messages, train)
                 if len(tokens) > seq_len:
-                    skipped.add(f"{where}: {len(tokens)} tokens, longer than data.seq_len {seq_len}")
+                    skipped.add(
+                        "too_long", where, f"{len(tokens)} tokens, longer than data.seq_len {seq_len}"
+                    )
                     continue
                 dialogs.append(EncodedDialog(tokens, labels, where))
     return dialogs

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from herd.data.image_sources import ImageSource, Sample
-from herd.data.jsonl_io import atomic_write, atomic_write_json, dumps
+from herd.data.curation.image_sources import ImageSource, Sample
+from herd.data.records import atomic_write, atomic_write_json, dumps
 
 TEXT_FIELDS = ("caption", "text", "txt")
 

@@ -8,7 +8,7 @@ fine-tuning data that fixes it:
    turn, the new answers becoming the history of the next turn;
 2. train on the dialog with `inst` only in the first user turn (or as a system message)
    (`training_dialog`), the loss zero on every token of the earlier turns — their assistant messages
-   are marked `"train": false` for `herd.data.dialogs` — so only the last answer, which obeys an
+   are marked `"train": false` for `herd.data.training.dialogs` — so only the last answer, which obeys an
    instruction given several turns before, is learned.
 
 `build_gatt_dataset` runs both steps with any `sample_fn(messages) -> str` and writes SFT jsonl;
@@ -25,8 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from herd.data.jsonl_io import atomic_write
-from herd.data.packed_text import SkippedRecords
+from herd.data.records import SkipCounter, atomic_write
 
 Dialog = list[dict[str, Any]]  # [{"role": ..., "content": ...}, ...], the SFT jsonl message format
 SampleFn = Callable[[Dialog], str]
@@ -121,14 +120,14 @@ def build_gatt_dataset(
     seed: int,
     out_path: str | Path,
     placement: str = "user",
-    skipped: SkippedRecords | None = None,
+    skipped: SkipCounter | None = None,
 ) -> int:
     """For each dialog draw an instruction (seeded), build its GAtt training dialog, write the SFT jsonl
     (one `{"messages": [...], "instruction": ...}` per line, atomically); returns the dialogs written.
     Malformed dialogs and those `sample_fn` refuses (`SkipDialog`) go to `skipped` as "dialog N: why"."""
     if not instructions:
         raise ValueError("no system instructions to draw from")
-    skipped = skipped if skipped is not None else SkippedRecords()
+    skipped = skipped if skipped is not None else SkipCounter()
     rng = random.Random(seed)
     written = 0
     with atomic_write(out_path) as out:
@@ -137,12 +136,12 @@ def build_gatt_dataset(
             try:
                 check_dialog(dialog)
             except ValueError as e:
-                skipped.add(f"dialog {index}: {e}")
+                skipped.add("bad_dialog", f"dialog {index}", str(e))
                 continue
             try:
                 messages = gatt_dialog(dialog, instruction, sample_fn, placement)
             except SkipDialog as e:  # any other error of sample_fn is a bug and stops the run
-                skipped.add(f"dialog {index}: {e}")
+                skipped.add("bad_dialog", f"dialog {index}", str(e))
                 continue
             out.write(
                 json.dumps({"messages": messages, "instruction": instruction}, ensure_ascii=False) + "\n"
@@ -160,7 +159,7 @@ def read_instructions(path: str | Path) -> list[str]:
     return found
 
 
-def read_dialog_file(path: str | Path, skipped: SkippedRecords) -> list[Dialog]:
+def read_dialog_file(path: str | Path, skipped: SkipCounter) -> list[Dialog]:
     """The "messages" of every record of a jsonl file; bad lines go to `skipped` as "file:line: why"."""
     path = Path(path)
     if not path.is_file():
@@ -175,7 +174,7 @@ def read_dialog_file(path: str | Path, skipped: SkippedRecords) -> list[Dialog]:
                 dialog = record["messages"]
                 check_dialog(dialog)
             except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
-                skipped.add(f"{path}:{line_no}: {type(e).__name__}: {e}")
+                skipped.add("bad_record", f"{path}:{line_no}", f"{type(e).__name__}: {e}")
                 continue
             dialogs.append(dialog)
     return dialogs
@@ -260,7 +259,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    skipped = SkippedRecords()
+    skipped = SkipCounter()
     try:
         dialogs = read_dialog_file(args.dialogs, skipped)
         instructions = read_instructions(args.instructions)

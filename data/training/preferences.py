@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from herd.data.packed_text import SkippedRecords
+from herd.data.records import SkipCounter
 from herd.text.chat_format import ChatFormat, Message
 
 STRENGTHS = ("significantly_better", "better", "slightly_better", "negligibly_better")
@@ -128,7 +128,7 @@ def parse_preference(obj: Any, where: str = "") -> PreferenceRecord:
     )  # fmt: skip
 
 
-def read_preferences(path: str | Path, skipped: SkippedRecords) -> list[PreferenceRecord]:
+def read_preferences(path: str | Path, skipped: SkipCounter) -> list[PreferenceRecord]:
     """Every valid record of a jsonl file; bad ones are counted in `skipped` as 'file:line: reason'."""
     path = Path(path)
     if not path.is_file():
@@ -142,7 +142,9 @@ def read_preferences(path: str | Path, skipped: SkippedRecords) -> list[Preferen
             try:
                 records.append(parse_preference(json.loads(line), where))
             except (json.JSONDecodeError, ValueError, TypeError) as e:
-                skipped.add(f"{where}: {e}")
+                skipped.add(
+                    "bad_json" if isinstance(e, json.JSONDecodeError) else "bad_record", where, str(e)
+                )
     return records
 
 
@@ -160,43 +162,42 @@ def encode_preference(record: PreferenceRecord, chat: ChatFormat) -> EncodedPref
 
 
 def encode_all(
-    records: Sequence[PreferenceRecord], chat: ChatFormat, seq_len: int, skipped: SkippedRecords
+    records: Sequence[PreferenceRecord], chat: ChatFormat, seq_len: int, skipped: SkipCounter
 ) -> list[EncodedPreference]:
     """Encode `records`; those with a reply longer than `seq_len` tokens are skipped and counted."""
     out = []
     for record in records:
         encoded = encode_preference(record, chat)
         if encoded.max_len > seq_len:
-            skipped.add(f"{record.where}: {encoded.max_len} tokens, longer than data.seq_len {seq_len}")
+            skipped.add(
+                "too_long", record.where, f"{encoded.max_len} tokens, longer than data.seq_len {seq_len}"
+            )
             continue
         out.append(encoded)
     return out
 
 
 def load_preference_splits(
-    post: Any, chat: ChatFormat, seq_len: int, seed: int = 0
-) -> tuple[list[EncodedPreference], list[EncodedPreference], SkippedRecords]:
-    """(train, validation, skipped) from `post.train_data` and `post.val_data`, or a seeded hold-out of
-    `post.val_fraction` of the training records when there is no validation file."""
-    if not post.train_data:
-        raise ValueError("post.train_data: a jsonl of preference records is required")
-    skipped = SkippedRecords()
-    train = read_preferences(post.train_data, skipped)
-    if post.val_data:
-        val = read_preferences(post.val_data, skipped)
+    data: Any, chat: ChatFormat, seq_len: int, seed: int = 0, section: str = "rm"
+) -> tuple[list[EncodedPreference], list[EncodedPreference], SkipCounter]:
+    """(train, validation, skipped) from `data.train_data` and `data.val_data`, or a seeded hold-out of
+    `data.val_fraction` of the training records when there is no validation file. `data` is the
+    objective's config section (`[rm]`, `[dpo]`), named `section` in errors."""
+    if not data.train_data:
+        raise ValueError(f"{section}.train_data: a jsonl of preference records is required")
+    skipped = SkipCounter()
+    train = read_preferences(data.train_data, skipped)
+    if data.val_data:
+        val = read_preferences(data.val_data, skipped)
     else:
         order = np.random.default_rng(seed).permutation(len(train))
-        n_val = int(len(train) * post.val_fraction)
+        n_val = int(len(train) * data.val_fraction)
         val, train = [train[i] for i in order[:n_val]], [train[i] for i in order[n_val:]]
     train_enc, val_enc = encode_all(train, chat, seq_len, skipped), encode_all(val, chat, seq_len, skipped)
-    if skipped.count:
-        from rich.console import Console
-
-        Console(stderr=True).print(
-            f"[yellow]skipped {skipped.count} bad preference record(s), e.g. {skipped.examples[0]}"
-        )
     if not train_enc:
-        raise ValueError(f"post.train_data {post.train_data}: no usable preference records")
+        raise ValueError(
+            f"{section}.train_data {data.train_data}: no usable preference records ({skipped.summary()})"
+        )
     return train_enc, val_enc, skipped
 
 
@@ -320,17 +321,21 @@ class PreferenceBatches:
 
 
 class PreferenceBatching:
-    """`train_batches` / `val_batches` of a preference task (reward model, DPO): the task provides `cfg`,
-    `train_records`, `val_records` and `collate(records) -> batch`."""
+    """`train_batches` / `val_batches` / `skip_counts` of a preference task (reward model, DPO): the task
+    provides `data` (its DataConfig), `train_records`, `val_records`, `skipped` and
+    `collate(records) -> batch`."""
 
     def train_batches(self, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
-        d = self.cfg.data
+        d = self.data
         return PreferenceBatches(self.train_records, d.batch_size, self.collate, rank, world_size, d.seed)
+
+    def skip_counts(self) -> dict[str, SkipCounter]:
+        return {"preferences": self.skipped}
 
     def val_batches(self) -> Iterable[dict[str, Any]] | None:
         if not self.val_records:
             return None
-        b = self.cfg.data.batch_size  # whole batches only: every validation step sees the same shape
+        b = self.data.batch_size  # whole batches only: every validation step sees the same shape
         return (self.collate(self.val_records[i : i + b]) for i in range(0, len(self.val_records) - b + 1, b))
 
 

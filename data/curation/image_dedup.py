@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from herd.data.embed import EmbedConfig, embed_source, load_embeddings, wait_for_ranks
-from herd.data.image_sources import ImageSource, open_image_ref
-from herd.data.jsonl_io import atomic_write, atomic_write_json, dumps
-from herd.data.near_dup_search import Pairs, SearchConfig, connected_groups, find_pairs
+from herd.data.curation.embed import EmbedConfig, embed_source, load_embeddings, wait_for_ranks
+from herd.data.curation.image_sources import ImageSource, open_image_ref
+from herd.data.curation.near_dup_search import Pairs, SearchConfig, connected_groups, find_pairs
+from herd.data.records import atomic_write, atomic_write_json, dumps
 
 
 def _score(rec: dict[str, Any]) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from herd.data.jsonl_io import atomic_write
+from herd.data.records import atomic_write
 
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)

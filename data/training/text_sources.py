@@ -3,7 +3,7 @@
 Every reader yields one `str` per document and holds at most one record batch in memory, so a corpus of
 any size can be tokenised (`herd data tokenize`) or read straight into training. Bad *records* (an
 unparseable jsonl line, a record without the text field, a null parquet cell) are skipped and counted in
-a `SkippedRecords`: one broken line must not kill a multi-hour run, and nothing is dropped silently.
+a `SkipCounter`: one broken line must not kill a multi-hour run, and nothing is dropped silently.
 Bad *files* (a missing path, a parquet file without the text column, a truncated gzip stream) raise an
 error naming the file, because they mean the job was set up wrong.
 
@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
-from herd.data.packed_text import SkippedRecords
+from herd.data.records import SkipCounter
 
 SOURCES = ("jsonl", "parquet", "text")
 
@@ -81,19 +81,28 @@ def open_binary(path: str | Path) -> IO[bytes]:
     return open(path, "rb")
 
 
+def _reason(error: Exception) -> str:
+    """The skip reason of a jsonl line: unparseable, not an object, or no text field."""
+    if isinstance(error, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return "bad_json"
+    if isinstance(error, KeyError):
+        return "missing_field"
+    return "bad_record"
+
+
 def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error)[:200]}"
 
 
 def read_jsonl_documents(
-    paths: Iterable[str | Path], text_field: str = "text", skipped: SkippedRecords | None = None
+    paths: Iterable[str | Path], text_field: str = "text", skipped: SkipCounter | None = None
 ) -> Iterator[str]:
     """The `text_field` string of every jsonl record; blank lines are ignored, bad lines counted.
 
     Lines are decoded one by one (not the whole file as UTF-8), so a line of invalid UTF-8 is one
     skipped record rather than an exception that ends the file.
     """
-    skipped = skipped if skipped is not None else SkippedRecords()
+    skipped = skipped if skipped is not None else SkipCounter()
     for path in paths:
         try:
             with open_binary(path) as f:
@@ -108,7 +117,7 @@ def read_jsonl_documents(
                         if not isinstance(text, str):
                             raise TypeError(f"field {text_field!r} is {type(text).__name__}, not a string")
                     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError, UnicodeDecodeError
-                        skipped.add(f"{path}:{line_no}: {_describe(e)}")
+                        skipped.add(_reason(e), f"{path}:{line_no}", _describe(e))
                         continue
                     yield text
         except (OSError, EOFError) as e:  # a truncated / corrupt compressed stream, an unreadable file
@@ -118,14 +127,14 @@ def read_jsonl_documents(
 def read_parquet_documents(
     paths: Iterable[str | Path],
     text_field: str = "text",
-    skipped: SkippedRecords | None = None,
+    skipped: SkipCounter | None = None,
     batch_rows: int = 1024,
 ) -> Iterator[str]:
     """The `text_field` column of parquet files, read `batch_rows` rows at a time; null cells counted."""
     import pyarrow as pa  # the `data` extra; imported here so jsonl/text work without it
     import pyarrow.parquet as pq
 
-    skipped = skipped if skipped is not None else SkippedRecords()
+    skipped = skipped if skipped is not None else SkipCounter()
     for path in paths:
         try:
             pf = pq.ParquetFile(path)
@@ -144,7 +153,7 @@ def read_parquet_documents(
         for batch in pf.iter_batches(batch_size=batch_rows, columns=[text_field]):
             for text in batch.column(0).to_pylist():
                 if text is None:
-                    skipped.add(f"{path}: row {row}: {text_field!r} is null")
+                    skipped.add("null_text", f"{path}: row {row}", f"{text_field!r} is null")
                 else:
                     yield text
                 row += 1
@@ -165,15 +174,15 @@ def iter_documents(
     source: str,
     paths: Iterable[str | Path],
     text_field: str = "text",
-    skipped: SkippedRecords | None = None,
+    skipped: SkipCounter | None = None,
 ) -> Iterator[str]:
     """Documents of `source` ∈ {jsonl, parquet, text} from files / folders / glob patterns, streamed.
 
     The paths are expanded *now* (not on the first `next`), so a typo fails before any work starts.
-    Pass a `SkippedRecords` to learn how many bad records were skipped.
+    Pass a `SkipCounter` to learn how many bad records were skipped.
     """
     files = expand_paths(source, paths)
-    skipped = skipped if skipped is not None else SkippedRecords()
+    skipped = skipped if skipped is not None else SkipCounter()
     if source == "jsonl":
         return read_jsonl_documents(files, text_field, skipped)
     if source == "parquet":

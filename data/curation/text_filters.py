@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from herd.data.jsonl_io import RecordReader, atomic_write_json
-from herd.data.text_pipeline import BaseStage, Verdict, concat_rejects, run_pass, validate
+from herd.data.curation.text_pipeline import BaseStage, Verdict, concat_rejects, run_pass, validate
+from herd.data.records import RecordReader, atomic_write_json
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 

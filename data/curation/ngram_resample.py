@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from herd.data.jsonl_io import atomic_write, atomic_write_json, dumps, iter_jsonl
+from herd.data.records import atomic_write, atomic_write_json, dumps, iter_jsonl
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 

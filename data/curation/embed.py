@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from herd.data.image_sources import ImageSource, Sample, WorkShard
-from herd.data.jsonl_io import atomic_save_npy, atomic_write_json, read_jsonl, write_jsonl
-from herd.data.sscd import ResizeMode, sscd_transform
+from herd.data.curation.image_sources import ImageSource, Sample, WorkShard
+from herd.data.curation.sscd import ResizeMode, sscd_transform
+from herd.data.records import atomic_save_npy, atomic_write_json, read_jsonl, write_jsonl
 
 
 @dataclass

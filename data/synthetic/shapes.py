@@ -7,7 +7,7 @@ scored word, `response` the full answer trained on (colour and shape answers res
   count     "How many shapes are there?"                          → "two"
   position  "Is the red circle left or right of the blue square?" → "left"
 plus a caption ("Two shapes, from left to right: a red circle and a blue square.") for caption
-pretraining. The vocabulary is `herd.data.synthetic_text`'s, so a text model trained on that corpus
+pretraining. The vocabulary is `herd.data.synthetic.text`'s, so a text model trained on that corpus
 already knows every word an answer needs; only the image tells it *which* word.
 
 Questions are unambiguous by construction: the colours in one scene are distinct (so "the red object"
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from herd.data.jsonl_io import atomic_write_json, read_jsonl, write_jsonl
-from herd.data.synthetic_text import COLORS, NUMBER_WORDS, SHAPES, restated_answer, scene_caption
+from herd.data.records import atomic_write_json, read_jsonl, write_jsonl
+from herd.data.synthetic.text import COLORS, NUMBER_WORDS, SHAPES, restated_answer, scene_caption
 
 QUESTION_TYPES = ("color", "shape", "count", "position")
 SPLITS = {"train": 0, "val": 1}  # split name → stream id in the seed
@@ -75,7 +75,7 @@ class ShapesExample:
         return render_scene(self.scene, self.image_size)
 
     def record(self, image: str) -> dict[str, Any]:
-        """The manifest row `herd.data.image_text` reads; `scene` keeps the ground truth for checks."""
+        """The manifest row `herd.data.training.image_text` reads; `scene` keeps the ground truth for checks."""
         return {
             "image": image,
             "caption": self.caption,
@@ -218,7 +218,7 @@ def write_shapes_dataset(
     """Write `train.jsonl`, `val.jsonl`, `images/{split}/{i:06d}.png` and `info.json` under `out_dir`.
 
     Image paths in the manifests are relative to `out_dir`, the manifest's folder, which is what
-    `herd.data.image_text.JsonlImageText` expects. `train_mix` weights the training split's question
+    `herd.data.training.image_text.JsonlImageText` expects. `train_mix` weights the training split's question
     types (`question_cycle`); the held-out split always has every type equally often.
     Returns the info (counts, chance per split).
     """

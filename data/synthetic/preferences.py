@@ -1,6 +1,6 @@
 """Synthetic preference data with known ground truth, for tests, docs and the CPU example (Llama 2 §3.2.1).
 
-Every word lies in the vocabulary of `herd.data.synthetic_text` (the quickstart's corpus), so a tiny model
+Every word lies in the vocabulary of `herd.data.synthetic.text` (the quickstart's corpus), so a tiny model
 pretrained on that corpus, with a vocabulary subset built from it, can read it without unknown tokens.
 Three kinds of record, each with a `strength` that follows how obvious the preference is, so Llama 2's
 margin has something to work with:
@@ -25,8 +25,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from herd.data.preferences import write_preferences
-from herd.data.synthetic_text import COLORS, SHAPES
+from herd.data.synthetic.text import COLORS, SHAPES
+from herd.data.training.preferences import write_preferences
 
 KINDS = ("arithmetic", "scene", "garbled")
 

@@ -9,9 +9,10 @@ data yield the same samples in the same order:
     members of one sample contiguous, shards read in sorted path order. Only the headers are scanned
     when indexing; an image is read later with one seek, so shards must be uncompressed `.tar`.
 
-Bad data never stops a run. Unparseable lines, samples without an image, and images that cannot be
+Bad data never stops a run. Unparseable lines, samples without an image, samples without the fields the
+objective needs (`check`: e.g. a question and an answer for visual QA), and images that cannot be
 decoded (missing, truncated, not an image, absurdly large) are skipped and counted by reason in
-`dataset.skipped`, whose `metrics()` go to the logger.
+`dataset.skipped` (a `herd.data.records.SkipCounter`), which the training loop logs.
 
 Order and resumption (`ImageTextDataset`): epoch e is a permutation of all records seeded by (seed, e);
 round j of it gives data-parallel rank r the record at j·world_size + r. Every rank yields exactly one
@@ -27,9 +28,8 @@ import glob
 import io
 import json
 import tarfile
-from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,34 +37,10 @@ import numpy as np
 import torch.utils.data
 from PIL import Image, UnidentifiedImageError
 
-from herd.data.image_sources import IMAGE_EXTS, _split_key
-from herd.data.jsonl_io import atomic_write, dumps, iter_jsonl
+from herd.data.records import IMAGE_EXTS, SkipCounter, atomic_write, dumps, iter_jsonl, split_key
 from herd.vision.tiling import to_rgb
 
 TEXT_MEMBERS = {"txt": "text", "text": "text", "caption": "caption"}  # tar member extension → field
-
-
-@dataclass
-class SkipCounter:
-    """Skipped inputs by reason, with the first few locations so a log line says where to look."""
-
-    counts: Counter[str] = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
-    max_examples: int = 10
-
-    def add(self, reason: str, where: str) -> None:
-        self.counts[reason] += 1
-        if len(self.examples) < self.max_examples:
-            self.examples.append(f"{where}: {reason}")
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def metrics(self, prefix: str = "data/skipped") -> dict[str, float]:
-        out = {prefix: float(self.total)}
-        out.update({f"{prefix}/{reason}": float(n) for reason, n in sorted(self.counts.items())})
-        return out
 
 
 @dataclass(frozen=True)
@@ -102,12 +78,21 @@ def _failure_reason(err: BaseException) -> str:
     return "decode_error"
 
 
+# A record check: the text fields of a sample → the reason it cannot be used, or None.
+RecordCheck = Callable[[dict[str, Any]], str | None]
+
+
 def index_jsonl(
-    manifest: str | Path, root: str | Path | None = None, skipped: SkipCounter | None = None
+    manifest: str | Path,
+    root: str | Path | None = None,
+    skipped: SkipCounter | None = None,
+    check: RecordCheck | None = None,
 ) -> list[Record]:
     """Records of a jsonl manifest in line order; `image` paths are relative to `root` (default: the
     manifest's folder). The manifest itself is read now; images are only opened when iterated."""
     manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest}: image-text manifest not found")
     base = Path(root) if root is not None else manifest.parent
     skipped = skipped if skipped is not None else SkipCounter()
     records = []
@@ -119,6 +104,9 @@ def index_jsonl(
         image = rec.pop("image", None)
         if not isinstance(image, str) or not image:
             skipped.add("no_image_field", item.where)
+            continue
+        if check is not None and (reason := check(rec)) is not None:
+            skipped.add(reason, item.where)
             continue
         key = str(rec.pop("id", image))
         records.append(Record(key, rec, str(base / image)))
@@ -132,7 +120,7 @@ def _shard_groups(tf: tarfile.TarFile) -> Iterator[tuple[str, list[tarfile.TarIn
     for m in tf:
         if not m.isfile():
             continue
-        k, _ = _split_key(m.name)
+        k, _ = split_key(m.name)
         if k != key and members:
             yield key, members
             members = []
@@ -154,7 +142,7 @@ def _shard_record(
     fields: dict[str, Any] = {}
     image: tuple[int, int] | None = None
     for m in members:
-        ext = _split_key(m.name)[1].rsplit(".", 1)[-1]
+        ext = split_key(m.name)[1].rsplit(".", 1)[-1]
         if f".{ext}" in IMAGE_EXTS:
             image = image or (m.offset_data, m.size)  # the first image member is the sample's image
         elif ext == "json" or ext in TEXT_MEMBERS:
@@ -176,26 +164,32 @@ def _shard_record(
     return Record(str(fields.pop("id", key)), fields, path, *image)
 
 
-def _index_shard(path: str, records: list[Record], skipped: SkipCounter) -> None:
+def _index_shard(path: str, records: list[Record], skipped: SkipCounter, check: RecordCheck | None) -> None:
     opened = False
     try:
         with tarfile.open(path, mode="r:") as tf:  # "r:" refuses compressed tars: reading by offset needs raw
             opened = True
             for key, members in _shard_groups(tf):
-                if (rec := _shard_record(tf, path, key, members, skipped)) is not None:
-                    records.append(rec)
+                if (rec := _shard_record(tf, path, key, members, skipped)) is None:
+                    continue
+                if check is not None and (reason := check(rec.fields)) is not None:
+                    skipped.add(reason, f"{path}#{key}")
+                    continue
+                records.append(rec)
     except (tarfile.TarError, OSError) as err:
         # Not a tar (or a compressed one), or an interrupted copy: the samples before the cut are kept.
         skipped.add("truncated_shard" if opened else "unreadable_shard", f"{path}: {err}")
 
 
-def index_tar_shards(paths: Iterable[str | Path], skipped: SkipCounter | None = None) -> list[Record]:
+def index_tar_shards(
+    paths: Iterable[str | Path], skipped: SkipCounter | None = None, check: RecordCheck | None = None
+) -> list[Record]:
     """Records of webdataset shards (sorted by path), from a scan of the tar headers plus the small
     text members; image bytes are not read. A shard cut short keeps the samples before the cut."""
     skipped = skipped if skipped is not None else SkipCounter()
     records: list[Record] = []
     for path in sorted(str(p) for p in paths):
-        _index_shard(path, records, skipped)
+        _index_shard(path, records, skipped, check)
     return records
 
 
@@ -235,12 +229,17 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
         self._order_epoch, self._order = -1, np.arange(0)
 
     @classmethod
-    def from_jsonl(cls, manifest: str | Path, root: str | Path | None = None, **kw: Any) -> ImageTextDataset:
+    def from_jsonl(
+        cls, manifest: str | Path, root: str | Path | None = None, check: RecordCheck | None = None, **kw: Any
+    ) -> ImageTextDataset:
+        """`check`: fields → skip reason (or None), e.g. the vision task's "needs a question and answer"."""
         skipped = SkipCounter()
-        return cls(index_jsonl(manifest, root, skipped), skipped=skipped, **kw)
+        return cls(index_jsonl(manifest, root, skipped, check), skipped=skipped, **kw)
 
     @classmethod
-    def from_tar_shards(cls, paths: str | Path | Iterable[str | Path], **kw: Any) -> ImageTextDataset:
+    def from_tar_shards(
+        cls, paths: str | Path | Iterable[str | Path], check: RecordCheck | None = None, **kw: Any
+    ) -> ImageTextDataset:
         """`paths`: shard files, a folder (all its `*.tar`) or a glob pattern ("shards/*.tar")."""
         if isinstance(paths, str | Path):
             if Path(paths).is_dir():
@@ -248,7 +247,7 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
             else:
                 paths = sorted(glob.glob(str(paths))) if any(c in str(paths) for c in "*?[") else [paths]
         skipped = SkipCounter()
-        return cls(index_tar_shards(paths, skipped), skipped=skipped, **kw)
+        return cls(index_tar_shards(paths, skipped, check), skipped=skipped, **kw)
 
     def __len__(self) -> int:
         return self.rounds

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from herd import __version__
-from herd.data.packed_text import TokenSource
+from herd.data.training.packed_text import TokenSource
 
 MANIFEST = "manifest.json"
 FORMAT = "herd-token-shards"
@@ -252,7 +252,7 @@ def write_token_shards(
     """Tokenise `docs` into shards under `out_dir` and return the manifest (also in `manifest.json`).
 
     `inputs` describes where `docs` came from (source, files, text field); it is stored and must match
-    on a rerun, because resuming skips the first documents by *count*. `skipped` (a `SkippedRecords`
+    on a rerun, because resuming skips the first documents by *count*. `skipped` (a `SkipCounter`
     the reader fills) has its final count recorded in the manifest.
     """
     if shard_tokens < 1:

@@ -21,9 +21,7 @@ from typing import Any
 
 from PIL import Image
 
-from herd.data.jsonl_io import iter_jsonl
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+from herd.data.records import IMAGE_EXTS, iter_jsonl, split_key
 
 
 @dataclass
@@ -147,13 +145,6 @@ class ManifestSource(ImageSource):
         yield from _chunked_shards(self, self._records(), self.shard_size, owned)
 
 
-def _split_key(name: str) -> tuple[str, str]:
-    """webdataset convention: 'dir/abc.def.jpg' → key 'dir/abc', extension 'def.jpg'."""
-    d, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{d}/{stem}" if d else stem), ext.lower()
-
-
 def iter_tar_samples(tar_path: str | Path, bad: Counter | None = None) -> Iterator[Sample]:
     """Stream the samples of a webdataset tar (members of one sample are contiguous)."""
     tar_path = str(tar_path)
@@ -186,7 +177,7 @@ def iter_tar_samples(tar_path: str | Path, bad: Counter | None = None) -> Iterat
         for m in tf:
             if not m.isfile():
                 continue
-            k, ext = _split_key(m.name)
+            k, ext = split_key(m.name)
             if key is not None and k != key:
                 s = emit(key, group)
                 if s is not None:

@@ -26,7 +26,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
 
-from herd.data.jsonl_io import (
+from herd.data.records import (
     Item,
     Position,
     RecordReader,

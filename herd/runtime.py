@@ -2,8 +2,10 @@
 
 `Runtime` owns the mesh, this rank's model parts (one module, or several pipeline stages), the data
 shard it reads, and the collectives of a step: the target count of the global batch, the loss, the
-gradient norm across pipeline stages, and the full state dict for export. The training loop calls it
-and stays the same for every layout.
+gradient norm across pipeline stages, and the full state dict for export. It is where a task meets the
+mesh: the task's model is built on the meta device, checked against the layout (`task.check_layout`),
+parallelised with the task's plan (`herd.parallel.parallelize`), materialised and filled
+(`task.init_weights`); every step runs the task's loss, on every layout (`herd.task`).
 
 Gradient arithmetic: each rank back-propagates `loss_sum_local / global_targets`; the exact gradient
 of the global mean is the *sum* of those over the ranks holding different tokens (DP and CP), but
@@ -22,26 +24,26 @@ from torch.distributed.tensor import DTensor, Replicate
 from herd.config import JobConfig
 from herd.parallel.dims import ParallelDims
 from herd.parallel.fsdp import set_gradient_sync
-from herd.parallel.parallelize import parallelize
-from herd.parallel.tensor_parallel import llama_modules
-
-
-def _init_rope(module: nn.Module) -> None:
-    for llama in llama_modules(module):
-        llama.init_rope()
+from herd.parallel.parallelize import check_plan_supports, layout_degrees, parallelize
+from herd.parallel.pipeline import batch_rows, eval_microbatches, replicated_parameters, rows_of
+from herd.task import Task
 
 
 class Runtime:
-    def __init__(self, cfg: JobConfig, task: Any, device: torch.device) -> None:
+    def __init__(self, cfg: JobConfig, task: Task, device: torch.device) -> None:
         self.cfg, self.task, self.device = cfg, task, device
+        self.plan = task.plan
         self.distributed = dist.is_available() and dist.is_initialized()
         self.world = dist.get_world_size() if self.distributed else 1
         self.rank = dist.get_rank() if self.distributed else 0
         p = cfg.parallel
         self.dims = ParallelDims(p.dp_replicate, p.dp_shard, p.cp, p.pp, p.tp, world_size=self.world)
+        task.check_layout(layout_degrees(self.dims))  # a clear error before anything is built
+        check_plan_supports(self.plan, self.dims)
         self.mesh = self.dims.build_mesh(device.type) if self.world > 1 else None
         self.dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
         self.cp_rank = self.mesh["cp"].get_local_rank() if self.mesh is not None else 0
+        self.pp_rank = self.mesh["pp"].get_local_rank() if self.mesh is not None else 0
         self.is_logging_rank = self.rank == 0
         self._initial_state: dict[str, torch.Tensor] | None = None
         self.pipeline = None
@@ -54,32 +56,34 @@ class Runtime:
             micro = p.pp_microbatches or self.dims.pp
             self.pipeline = build_pipeline(
                 model,
+                self.plan.pipeline,
                 self.mesh["pp"],
                 p,
                 device,
+                task,
                 micro,
                 parallelize_fn=self._parallelize,
                 materialize_fn=self._materialize,
             )
             self.parts: list[nn.Module] = list(self.pipeline.modules)
+            # modules every stage holds a copy of (the image encoder): gradients summed over the pipeline
+            self.replicated = replicated_parameters(self.parts, self.plan.pipeline)
         else:
             self._parallelize(model)
             self._materialize(model)
             self.parts = [model]
+            self.replicated = []
         for part in self.parts:
             part.train()
 
     # --- building ----------------------------------------------------------------------------------
     def _parallelize(self, module: nn.Module) -> nn.Module:
-        return parallelize(module, self.dims, self.mesh, self.cfg.parallel, self.cfg.train.dtype)
+        return parallelize(module, self.plan, self.dims, self.mesh, self.cfg.parallel, self.cfg.train.dtype)
 
     def _full_init(self) -> bool:
         mode = self.cfg.model.init
-        if mode not in ("auto", "full", "sharded"):
-            raise ValueError(f"model.init must be auto, full or sharded, got {mode!r}")
         if mode == "auto":
-            args = getattr(self.task, "model_args", None)
-            return args is None or args.num_params() < 2e9
+            return self.task.model_args.num_params() < 2e9
         return mode == "full"
 
     def _reference_state(self) -> dict[str, torch.Tensor]:
@@ -88,14 +92,14 @@ class Runtime:
             torch.manual_seed(self.cfg.train.seed)
             ref = self.task.build_model()
             ref.to_empty(device="cpu")
-            _init_rope(ref)
+            self.plan.init_buffers(ref)
             self.task.init_weights(ref)
             self._initial_state = {k: v.detach() for k, v in ref.state_dict().items()}
         return self._initial_state
 
     def _materialize(self, module: nn.Module) -> None:
         module.to_empty(device=self.device)
-        _init_rope(module)
+        self.plan.init_buffers(module)
         if not self.distributed:
             torch.manual_seed(self.cfg.train.seed)
             self.task.init_weights(module)
@@ -147,15 +151,40 @@ class Runtime:
                 if self.pipeline is not None:
                     loss_sum = self.pipeline.step(batch, loss_scale=scale)
                     local_loss += float(loss_sum) if loss_sum is not None else 0.0
-                    continue
-                out = self.task.loss(self.parts[0], batch)
-            (out.loss_sum * scale).backward()
-            local_loss += float(out.loss_sum.detach())
-            for key, value in out.extra.items():
+                    extra = self.pipeline.last_extra
+                else:
+                    out = self.task.loss(self.parts[0], batch)
+                    (out.loss_sum * scale).backward()
+                    local_loss += float(out.loss_sum.detach())
+                    extra = out.extra
+            for key, value in extra.items():
                 local_extra[key] = local_extra.get(key, 0.0) + float(value)
+        self._sum_replicated_gradients()
         total = self._sum(local_loss, ("dp_cp", "pp"))  # only last pipeline stages hold a loss
-        self.last_extra = self._sum_dict(local_extra, ("dp_cp",))
+        self.last_extra = self._sum_dict(self._last_stage_extra(local_extra), ("dp_cp",))
         return total / global_targets, global_targets
+
+    def _sum_replicated_gradients(self) -> None:
+        """Modules every pipeline stage holds a copy of get each stage's share of the gradient: sum them
+        over the pipeline group, so every copy takes the same optimizer step."""
+        if not self.replicated:
+            return
+        group = self.mesh["pp"].get_group()
+        for p in self.replicated:
+            if p.grad is None:  # a stage that did not run the module: its share is zero
+                p.grad = torch.zeros_like(p)
+            grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+            dist.all_reduce(grad, group=group)
+
+    def _last_stage_extra(self, extra: dict[str, float]) -> dict[str, float]:
+        """Under PP only the last stage computes the task's loss (and its extras): share them with the
+        other stages of the pipeline group, so every rank logs the same numbers."""
+        if self.pipeline is None:
+            return extra
+        box = [extra]
+        last = dist.get_global_rank(self.mesh["pp"].get_group(), self.dims.pp - 1)
+        dist.broadcast_object_list(box, src=last, group=self.mesh["pp"].get_group())
+        return box[0]
 
     def _sum_dict(self, values: dict[str, float], group_names: tuple[str, ...]) -> dict[str, float]:
         """Sum a task's auxiliary metrics over ranks (every rank reports the same keys)."""
@@ -170,30 +199,32 @@ class Runtime:
 
     @torch.no_grad()
     def eval_sums(self, batch: dict[str, Any]) -> tuple[float, int]:
-        """(summed loss, target count) of one *global* validation batch, over all ranks."""
-        rows = batch["tokens"].shape[0]
-        if rows % self.dims.dp:
-            return 0.0, 0
-        b = rows // self.dims.dp
-        local = {
-            k: v[self.dp_rank * b : (self.dp_rank + 1) * b] if torch.is_tensor(v) else v
-            for k, v in batch.items()
-        }
+        """(summed loss, target count) of one *global* validation batch, over all ranks.
+
+        The rows are split over the data-parallel ranks as evenly as they go (a ragged last batch gives
+        some ranks a row fewer); a rank left without a row runs the first one to keep the collectives
+        in step and counts nothing."""
+        rows = batch_rows(batch)
+        chunks = torch.arange(rows).tensor_split(self.dims.dp)
+        mine = chunks[self.dp_rank]
+        counted = len(mine) > 0
+        local = rows_of(batch, mine if counted else torch.arange(1))
         local = self.shard_batch(local)
         with self._autocast():
             if self.pipeline is not None:
-                loss = self.pipeline.eval_loss(local)
+                configured = self.cfg.parallel.pp_microbatches or self.dims.pp
+                n_mb = eval_microbatches(configured, [max(len(c), 1) for c in chunks])
+                loss = self.pipeline.eval_loss(local, n_mb)
                 loss_sum = float(loss) if loss is not None else 0.0
             else:
                 loss_sum = float(self.task.loss(self.parts[0], local).loss_sum)
-        targets = self._sum(float(self.task.num_targets(local)), ("dp_cp",))
-        return self._sum(loss_sum, ("dp_cp", "pp")), int(targets)
+        local_targets = self.task.num_targets(local) if counted else 0
+        targets = self._sum(float(local_targets), ("dp_cp",))
+        return self._sum(loss_sum if counted else 0.0, ("dp_cp", "pp")), int(targets)
 
     def _autocast(self):
         if self.cfg.train.dtype == "bf16" and not self.dims.fsdp_enabled:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        if self.cfg.train.dtype not in ("fp32", "bf16"):
-            raise ValueError(f"train.dtype must be fp32 or bf16, got {self.cfg.train.dtype!r}")
         return torch.autocast(device_type=self.device.type, enabled=False)
 
     def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> float:
@@ -201,12 +232,16 @@ class Runtime:
 
         Computed from local shards: the squared sums of each DTensor gradient are all-reduced over the
         mesh dims where it is sharded (not where it is replicated), plain gradients are local, and
-        pipeline stages add theirs up. (DTensor's own `full_tensor` route would try to flatten the
-        (dp_shard_cp, tp) mesh, which torch 2.11 cannot do in the paper's mesh order.)"""
+        pipeline stages add theirs up (a module every stage holds a copy of counts once). (DTensor's own
+        `full_tensor` route would try to flatten the (dp_shard_cp, tp) mesh, which torch 2.11 cannot do in
+        the paper's mesh order.)"""
         grads = [p.grad for p in params if p.grad is not None]
+        copies = {id(p.grad) for p in self.replicated if p.grad is not None} if self.pp_rank else set()
         squares = torch.zeros((), dtype=torch.float32, device=self.device)
-        by_layout: dict[tuple, list[torch.Tensor]] = {}
+        by_layout: dict[tuple, list[Any]] = {}
         for g in grads:
+            if id(g) in copies:  # counted on the first pipeline rank
+                continue
             if isinstance(g, DTensor):
                 if any(pl.is_partial() for pl in g.placements):
                     g = g.redistribute(
@@ -247,8 +282,8 @@ class Runtime:
             mine.update(get_model_state_dict(part, options=opts))
         if self.dims.pp > 1:  # stages live on different ranks: collect them on rank 0
             gathered: list[Any] = [None] * self.world if self.rank == 0 else None
-            dp_tp_cp_leader = self.mesh["dp"].get_local_rank() == 0 and self.mesh["tp"].get_local_rank() == 0
-            dist.gather_object(mine if dp_tp_cp_leader and self.cp_rank == 0 else {}, gathered, dst=0)
+            leader = self.dp_rank == 0 and self.mesh["tp"].get_local_rank() == 0 and self.cp_rank == 0
+            dist.gather_object(mine if leader else {}, gathered, dst=0)
             if self.rank == 0:
                 mine = {k: v for part in gathered for k, v in part.items()}
         return mine if self.rank == 0 else None

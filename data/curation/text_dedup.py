@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from herd.data.jsonl_io import RecordReader, atomic_save_npy, atomic_write_json
-from herd.data.text_pipeline import BaseStage, Verdict, concat_rejects, run_pass, validate
+from herd.data.curation.text_pipeline import BaseStage, Verdict, concat_rejects, run_pass, validate
+from herd.data.records import RecordReader, atomic_save_npy, atomic_write_json
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from herd.data.records import IGNORE_INDEX
 
 
 class _Encoder(Protocol):
@@ -46,21 +46,6 @@ class TokenStream:
 
     def window(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
         return self.tokens[start : start + length], self.doc_ids[start : start + length]
-
-
-@dataclass
-class SkippedRecords:
-    """Bad records are skipped and counted, never a crash mid-run and never a silent drop."""
-
-    count: int = 0
-    examples: list[str] | None = None
-
-    def add(self, where: str) -> None:
-        self.count += 1
-        if self.examples is None:
-            self.examples = []
-        if len(self.examples) < 5:
-            self.examples.append(where)
 
 
 def tokenize_documents(docs: Iterable[str], tokenizer: _Encoder) -> TokenStream:

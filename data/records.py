@@ -1,10 +1,16 @@
-"""Streaming record I/O shared by the image and text curation tools.
+"""Record helpers every data job shares: the skip counter, the ignore index, webdataset names and
+streaming jsonl / parquet I/O.
 
-Everything here streams: a corpus is never held in memory. Readers yield one `Item` per input
-record together with a *resumable position* (file index, byte offset for jsonl / row index for
-parquet), so a pipeline can checkpoint "where it was" and seek straight back after a kill. Bad
-records (unparseable JSON, a line that is not an object) are yielded as items with a `bad` reason
-instead of raising, so callers count them and move on.
+`SkipCounter` is the one way herd counts bad input: a reader or dataset that meets a record it cannot
+use skips it and counts it by reason (`bad_json`, `missing_field`, `too_long`, `not_an_image`, ...),
+keeping the first few locations, so a run that dropped data says so (the training loop logs every
+task's counts in metrics.jsonl and on the console).
+
+I/O streams: a corpus is never held in memory. Readers yield one `Item` per input record together
+with a *resumable position* (file index, byte offset for jsonl / row index for parquet), so a pipeline
+can checkpoint "where it was" and seek straight back after a kill. Bad records (unparseable JSON, a
+line that is not an object) are yielded as items with a `bad` reason instead of raising, so callers
+count them and move on.
 
 Writes are atomic: data goes to a temporary file in the destination folder and is moved into place
 with `os.replace`, so a file that exists is always complete. Resumable stages use "the file exists"
@@ -18,13 +24,71 @@ import io
 import json
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+IGNORE_INDEX = -100  # label of a position that is not a target (cross-entropy's ignore_index)
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class SkipCounter:
+    """Skipped records by reason, with the first few locations so a log line says where to look.
+
+    `add("bad_json", "corpus.jsonl:12", "JSONDecodeError: ...")` counts one record under its reason and
+    keeps "corpus.jsonl:12: JSONDecodeError: ..." (the reason itself when no detail is given) among
+    the first `max_examples` examples. Bad records are skipped and counted, never a crash mid-run and
+    never a silent drop.
+    """
+
+    counts: Counter[str] = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    max_examples: int = 5
+
+    def add(self, reason: str, where: str, detail: str | None = None) -> None:
+        self.counts[reason] += 1
+        if len(self.examples) < self.max_examples:
+            self.examples.append(f"{where}: {detail if detail is not None else reason}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    count = total  # the number of records skipped (readers' older name)
+
+    def merge(self, other: SkipCounter) -> SkipCounter:
+        """Add `other`'s counts and examples to this counter (returns self)."""
+        self.counts.update(other.counts)
+        self.examples.extend(other.examples[: max(0, self.max_examples - len(self.examples))])
+        return self
+
+    def metrics(self, prefix: str = "data/skipped") -> dict[str, float]:
+        """`{prefix: total, prefix/reason: count, ...}` for a metrics record."""
+        out = {prefix: float(self.total)}
+        out.update({f"{prefix}/{reason}": float(n) for reason, n in sorted(self.counts.items())})
+        return out
+
+    def summary(self) -> str:
+        """One line: 'skipped 3 record(s) (bad_json 2, too_long 1), e.g. a.jsonl:4: ...'."""
+        if not self.total:
+            return "no record skipped"
+        reasons = ", ".join(f"{reason} {n}" for reason, n in self.counts.most_common())
+        example = f", e.g. {self.examples[0]}" if self.examples else ""
+        return f"skipped {self.total} record(s) ({reasons}){example}"
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """webdataset convention: 'dir/abc.def.jpg' → key 'dir/abc', extension 'def.jpg'."""
+    d, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
 
 Position = tuple[int, int]  # (index of the input file, byte offset (jsonl) or row index (parquet))
 
