@@ -40,13 +40,12 @@ def pretrain_text_model(out: Path, steps: int) -> Path:
     return task.export(result.runtime.full_state_dict(), out / "text_model", "meta")
 
 
-def initial_model(task: Any) -> torch.nn.Module:
+def initial_model(task: Any, seed: int) -> torch.nn.Module:
     """The model as the loop starts it (same seed), to measure "before"."""
     model = task.build_model()
     model.to_empty(device="cpu")
-    for llama in [m for m in model.modules() if hasattr(m, "init_rope")]:
-        llama.init_rope()
-    torch.manual_seed(task.cfg.train.seed)
+    task.plan.init_buffers(model)
+    torch.manual_seed(seed)
     task.init_weights(model)
     return model
 
@@ -59,7 +58,7 @@ def stage_overrides(out: Path, text_model: Path, prefs: dict[str, Path], name: s
 def run_reward_model(out: Path, text_model: Path, prefs: dict[str, Path], steps: int) -> dict[str, Any]:
     cfg = load_config(config_path("post/rm_tiny.toml"), stage_overrides(out, text_model, prefs, "rm", steps))
     task = RewardModelTask.from_config(cfg)
-    before = evaluate_ranking(initial_model(task), task, task.val_records)
+    before = evaluate_ranking(initial_model(task, cfg.train.seed), task, task.val_records)
     result = train(cfg, task)
     after = evaluate_ranking(result.model, task, task.val_records)
     task.export(result.runtime.full_state_dict(), out / "reward_model", "meta")
@@ -72,7 +71,7 @@ def run_dpo(out: Path, text_model: Path, prefs: dict[str, Path], steps: int) -> 
         config_path("post/dpo_tiny.toml"), stage_overrides(out, text_model, prefs, "dpo", steps)
     )
     task = DPOTask.from_config(cfg)
-    before = evaluate_preferences(initial_model(task), task, task.val_records)
+    before = evaluate_preferences(initial_model(task, cfg.train.seed), task, task.val_records)
     result = train(cfg, task)
     after = evaluate_preferences(result.model, task, task.val_records)
     task.export(result.runtime.full_state_dict(), out / "dpo_model", "meta")
