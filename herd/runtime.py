@@ -64,6 +64,7 @@ class Runtime:
                 micro,
                 parallelize_fn=self._parallelize,
                 materialize_fn=self._materialize,
+                sync_group=self.mesh["dp_cp"].get_group() if self.dims.fsdp_enabled else None,
             )
             self.parts: list[nn.Module] = list(self.pipeline.modules)
             # modules every stage holds a copy of (the image encoder): gradients summed over the pipeline
@@ -271,22 +272,33 @@ class Runtime:
         return [(n, p) for part in self.parts for n, p in part.named_parameters() if p.requires_grad]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's state dict on rank 0 (CPU), None elsewhere. Collective."""
+        """The whole model's state dict on rank 0 (CPU), None elsewhere. Collective.
+
+        Without pipeline parallelism DCP gathers the (FSDP/TP-sharded) tensors onto rank 0 directly. With
+        it, each stage's first rank (data, tensor and context rank 0) gathers its stage — torch's
+        `cpu_offload` option would hand the gathered stage to the world's rank 0 only, so the stage is
+        gathered in full on the stage's ranks and moved to CPU on its first rank — and rank 0 collects
+        the stages."""
         if not self.distributed:
             return {k: v.detach().cpu() for k, v in self.parts[0].state_dict().items()}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        mine: dict[str, torch.Tensor] = {}
+        if self.dims.pp == 1:
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            mine = {k: v for part in self.parts for k, v in get_model_state_dict(part, options=opts).items()}
+            return mine if self.rank == 0 else None
+        leader = self.dp_rank == 0 and self.mesh["tp"].get_local_rank() == 0 and self.cp_rank == 0
+        opts = StateDictOptions(full_state_dict=True)
+        mine = {}
         for part in self.parts:
-            mine.update(get_model_state_dict(part, options=opts))
-        if self.dims.pp > 1:  # stages live on different ranks: collect them on rank 0
-            gathered: list[Any] = [None] * self.world if self.rank == 0 else None
-            leader = self.dp_rank == 0 and self.mesh["tp"].get_local_rank() == 0 and self.cp_rank == 0
-            dist.gather_object(mine if leader else {}, gathered, dst=0)
-            if self.rank == 0:
-                mine = {k: v for part in gathered for k, v in part.items()}
-        return mine if self.rank == 0 else None
+            for k, v in get_model_state_dict(part, options=opts).items():
+                if leader:
+                    mine[k] = v.detach().cpu()
+        gathered: list[Any] = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(mine if leader else {}, gathered, dst=0)
+        if self.rank != 0:
+            return None
+        return {k: v for stage in gathered for k, v in stage.items()}
 
 
 def _plain_keys(module: nn.Module) -> set[str]:

@@ -219,8 +219,10 @@ class PipelineRuntime:
         schedule_name: str,
         n_microbatches: int,
         task: Any,
+        sync_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.modules = modules
+        self.sync_group = sync_group
         self.stage_ids = stage_ids
         self.n_stages = n_stages
         self.group = group
@@ -273,7 +275,15 @@ class PipelineRuntime:
         shapes = tuple((k, tuple(v.shape)) for k, v in sorted(kwargs.items()) if torch.is_tensor(v))
         key = (tuple(tuple(a.shape) for a in args if torch.is_tensor(a)), shapes, rows, n_microbatches,
                forward_only)  # fmt: skip
-        if key not in self._schedules:
+        new = key not in self._schedules
+        if self.sync_group is not None:
+            # torch's shape inference runs a forward of every stage when a schedule is built; under FSDP that
+            # forward all-gathers the stage's units, so the data-parallel ranks of a stage (whose batches may
+            # differ in length) must build schedules at the same steps, or their collectives fall out of step
+            flag = torch.tensor([float(new)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.sync_group)
+            new = bool(flag.item())
+        if new:
             self._schedules[key] = self._build(n_microbatches, forward_only)
         return self._schedules[key]
 
@@ -357,12 +367,14 @@ def build_pipeline(
     n_microbatches: int | None = None,
     parallelize_fn: Callable[[nn.Module], nn.Module] | None = None,
     materialize_fn: Callable[[nn.Module], None] | None = None,
+    sync_group: dist.ProcessGroup | None = None,
 ) -> PipelineRuntime:
     """This rank's stages of the meta-device `model` (cut by the plan's `split`) and their schedule.
 
     Per stage module: cut (`split.build_stage`), `parallelize_fn` (TP/FSDP/AC; may return a new
     module), then `materialize_fn` (default: `to_empty(device)` + `init_weights()`).
     `n_microbatches`: None → cfg.pp_microbatches, None → pp. `task`: see `PipelineRuntime`.
+    `sync_group`: the data-parallel group of a stage under FSDP (see `PipelineRuntime._schedule_for`).
     """
     group = pp_mesh.get_group() if isinstance(pp_mesh, DeviceMesh) else pp_mesh
     pp, pp_rank = dist.get_world_size(group), dist.get_rank(group)
@@ -388,4 +400,4 @@ def build_pipeline(
             module = parallelize_fn(module)
         materialize(module)
         modules.append(module)
-    return PipelineRuntime(modules, stage_ids, n_stages, group, device, schedule, n_mb, task)
+    return PipelineRuntime(modules, stage_ids, n_stages, group, device, schedule, n_mb, task, sync_group)
