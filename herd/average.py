@@ -33,7 +33,7 @@ from herd.text.args import ModelArgs
 from herd.text.checkpoint_hf import CONFIG_FILE
 from herd.text.checkpoint_meta import PARAMS_FILE, CheckpointError, save_meta_checkpoint
 from herd.text.loading import copy_tokenizer_files, detect_format, load_checkpoint
-from herd.text.tokenizer import SUBSET_FILE
+from herd.text.vocab_subset import SUBSET_FILE
 
 SCORE_PREFIX = "score."  # a reward model's scalar head, as `RewardModel` names it
 

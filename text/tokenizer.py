@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Literal
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
+from herd.text.vocab_subset import SUBSET_FILE, SubsetTokenizer
+
 if TYPE_CHECKING:
     from herd.text.sp_tokenizer import SentencePieceTokenizer
 
@@ -231,7 +233,6 @@ def detect_tokenizer_format(path: str | os.PathLike[str]) -> Literal["tiktoken",
 
 
 _SEARCHED = ("tokenizer.model", "original/tokenizer.model")
-SUBSET_FILE = "vocab_subset.json"  # written by herd.text.vocab_subset.SubsetTokenizer.save
 
 
 def load_tokenizer(
@@ -283,8 +284,6 @@ def load_tokenizer(
         tokenizer = SentencePieceTokenizer(file)
     subset_file = Path(path) / SUBSET_FILE if path is not None and Path(path).is_dir() else None
     if subset_file is not None and subset_file.is_file():  # a model trained on a trimmed vocabulary
-        from herd.text.vocab_subset import SubsetTokenizer
-
         tokenizer = SubsetTokenizer.load(subset_file, tokenizer)
     if vocab_size is not None and tokenizer.vocab_size > vocab_size:
         raise ValueError(

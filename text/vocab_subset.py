@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from herd.text.tokenizer import SUBSET_FILE
+SUBSET_FILE = "vocab_subset.json"  # beside a checkpoint trained on a trimmed vocabulary
 
 
 class SubsetTokenizer:

@@ -69,11 +69,13 @@ def decode_image(data: bytes) -> Image.Image:
 def _failure_reason(err: BaseException) -> str:
     if isinstance(err, FileNotFoundError):
         return "missing_file"
+    if isinstance(err, IsADirectoryError | PermissionError):
+        return "not_a_readable_file"
     if isinstance(err, UnidentifiedImageError):
         return "not_an_image"
     if isinstance(err, Image.DecompressionBombError):
         return "too_large"
-    if isinstance(err, OSError) and "truncated" in str(err):
+    if isinstance(err, OSError) and "truncated" in str(err).lower():  # PNG and JPEG decoders word it apart
         return "truncated_image"
     return "decode_error"
 
@@ -218,8 +220,8 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
         self.skipped = skipped if skipped is not None else SkipCounter()
         if len(records) < world_size:
             raise ValueError(
-                f"{len(records)} records cannot feed {world_size} data-parallel ranks "
-                f"(skipped while indexing: {dict(self.skipped.counts)}, e.g. {self.skipped.examples[:2]})"
+                f"{len(records)} records cannot feed {world_size} data-parallel rank(s): nothing usable is "
+                f"left ({self.skipped.summary()})"
             )
         self.records, self.rank, self.world_size = list(records), rank, world_size
         self.seed, self.shuffle, self.loop = seed, shuffle, loop
@@ -278,8 +280,9 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
             index = int(mine[(round_ + k) % self.rounds])
             if index not in self._bad and (sample := self._load(index)) is not None:
                 return sample
-        raise RuntimeError(
-            f"rank {self.rank} has no readable image in epoch {epoch}: {self.skipped.examples}"
+        raise ValueError(
+            f"no readable image among the {self.rounds} records of data rank {self.rank}: nothing usable is "
+            f"left ({self.skipped.summary()})"
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

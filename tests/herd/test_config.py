@@ -60,3 +60,59 @@ def test_every_shipped_config_loads_and_builds_its_model_args(path):
 def test_shipped_configs_exist():
     names = {p.relative_to(ROOT / "configs").as_posix() for p in SHIPPED}
     assert {"quickstart.toml", "text/llama3_8b.toml", "text/llama3_1_405b.toml", "text/tiny.toml"} <= names
+
+
+@pytest.mark.parametrize(
+    "override,key,value",
+    [
+        ("--parallel.pp_schedule=DualPipe", "parallel.pp_schedule", "DualPipe"),
+        ("--parallel.activation_checkpoint=some", "parallel.activation_checkpoint", "some"),
+        ("--train.dtype=fp16", "train.dtype", "fp16"),
+        ("--model.preset=llama5_1t", "model.preset", "llama5_1t"),
+        ("--model.init=lazy", "model.init", "lazy"),
+        ("--data.source=csv", "data.source", "csv"),
+        ("--schedule.decay=step", "schedule.decay", "step"),
+        ("--checkpoint.export_format=gguf", "checkpoint.export_format", "gguf"),
+        ("--vision.objective=vqa", "vision.objective", "vqa"),
+        ("--vision.encoder=vit_g14", "vision.encoder", "vit_g14"),
+        ("--rm.margin=huge", "rm.margin", "huge"),
+        ("--ppo.value_init=random", "ppo.value_init", "random"),
+    ],
+)
+def test_a_choice_is_checked_when_the_config_loads(override, key, value):
+    """Choice-valued options are Literal-typed: the error names the key, the value and the choices."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert f"{key}: {value!r} is not one of" in message
+    choices = message.split("is not one of ")[1].split(", ")
+    assert len(choices) >= 2 and value not in choices
+
+
+def test_a_choice_of_the_wrong_type_is_refused():
+    with pytest.raises(ConfigError, match="train.dtype: 16 is not one of fp32, bf16"):
+        load_config(None, ["--train.dtype=16"])
+
+
+def test_each_objective_has_its_own_section_and_the_old_post_section_says_where_it_went(tmp_path):
+    cfg = load_config(
+        None, ["--sft.train_data=a.jsonl", "--rm.margin=small", "--dpo.beta=0.5", "--ppo.epochs=2"]
+    )
+    assert (cfg.sft.train_data, cfg.rm.margin, cfg.dpo.beta, cfg.ppo.epochs) == ("a.jsonl", "small", 0.5, 2)
+    assert cfg.rm.train_data is None  # sections share no field
+    f = tmp_path / "old.toml"
+    f.write_text('[post]\ntrain_data = "p.jsonl"\n')
+    with pytest.raises(
+        ConfigError, match=r"old\.toml: the \[post\] section was split .*\[sft\], \[rm\], \[dpo\]"
+    ):
+        load_config(f)
+
+
+def test_a_task_gets_only_its_sections():
+    """herd.task.TaskBase.from_config passes a task the sections it names, nothing else."""
+    from herd.task import task_class
+
+    for name, sections in {"text": ("model", "data"), "sft": ("model", "data", "sft"), "vision": ("vision", "data"),
+                           "rm": ("model", "data", "rm", "parallel"), "dpo": ("model", "data", "dpo"),
+                           "ppo": ("model", "data", "ppo", "train", "metrics")}.items():  # fmt: skip
+        assert task_class(name).sections == sections, name
