@@ -1,10 +1,11 @@
 """The one decode loop (`herd.text.generation`) against golden tokens.
 
-The goldens were recorded from the four loops it replaced — `generate`, rejection sampling's
-`_sample_group` (herd/sample.py), PPO's `sample_responses` (herd/tasks/ppo_rollout.py) and the
-`generate` call under `generate_with_images` / Ghost Attention's `model_sample_fn` — on tiny seeded
-random models, greedy and sampled with a seed, before the refactor. The refactor must not move a
-single token: same prompts, same seeds → the same tokens, stop tokens, masks and forward-pass shapes.
+The goldens were recorded before the refactor from the three loops it replaced — `generate`'s,
+rejection sampling's `_sample_group` (herd/sample.py, shared prefix and recompute) and PPO's
+`sample_responses` (herd/tasks/ppo_rollout.py) — and from the two wrappers of `generate`
+(`generate_with_images`; Ghost Attention's `model_sample_fn` with its `VocabLimited` model), on tiny
+seeded random models, greedy and sampled with a seed. The refactor must not move a single token: same
+prompts, same seeds → the same tokens, stop tokens, PPO masks and PPO forward-pass shapes.
 
 The goldens live in decode_loop_golden.json beside this file. Regenerate it only when a change of
 tokens is intended (and say why in the commit):
@@ -22,7 +23,15 @@ import torch
 from herd.sample import sample_recompute, sample_shared_prefix
 from herd.tasks.ppo_rollout import row_uniforms, sample_responses
 from herd.text import build_llama, get_preset
-from herd.text.generation import SamplingParams, generate
+from herd.text.generation import (
+    SamplingParams,
+    StopRule,
+    decode,
+    generate,
+    left_aligned,
+    prefill,
+    token_sampler,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -82,7 +91,7 @@ def run_ppo() -> dict:
     for name, temperature in (("t1", 1.0), ("t07", 0.7), ("greedy", 1e-6)):
         calls: list[list[int]] = []
 
-        def step(tokens, cache, start):  # (b, T) → (b, T, V)
+        def step(tokens, cache, start, calls=calls):  # (b, T) → (b, T, V)
             calls.append([tokens.shape[1], start])
             return model(tokens, kv_cache=cache, start_pos=start)
 
@@ -184,6 +193,43 @@ def test_generate_with_images_matches_golden():
 
 def test_ghost_attention_sampler_matches_golden(tmp_path):
     assert as_json(run_ghost_attention(tmp_path)) == GOLDEN["ghost_attention"]
+
+
+# --- the loop's pieces ------------------------------------------------------------------------------------
+def test_prefill_runs_the_head_on_the_last_position_only():
+    model = tiny_llama()
+    tokens = torch.tensor(random_prompts([9, 9]))  # (2, 9)
+    seen = []
+    hook = model.output.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        last = prefill(model, tokens, model.new_kv_cache(2, 16))  # (2, V)
+        full = model(tokens)  # (2, 9, V), no cache
+    hook.remove()
+    assert seen == [(2, 1, 64), (2, 9, 64)]  # the prefill's head saw one position per row
+    assert (last - full[:, -1]).abs().max().item() < 1e-5
+
+
+def test_lock_step_changes_the_forward_passes_not_the_tokens():
+    model = tiny_llama()
+    prompts = random_prompts([5, 6])
+    greedy = generate(model, prompts, SamplingParams(8, 0.0))
+    stops = {c.tokens[1] for c in greedy}  # both rows stop at their second generated token at the latest
+    runs = {}
+    for lock_step in (False, True):
+        tokens, lens = left_aligned(prompts, 6 + 8, pad_id=0, device="cpu")
+        calls = []
+        hook = model.register_forward_pre_hook(
+            lambda m, args, kw, calls=calls: calls.append(kw["start_pos"]), with_kwargs=True
+        )
+        with torch.no_grad():
+            decode(model, tokens, lens, token_sampler(SamplingParams(8)), StopRule(8, stops, lock_step), 0)
+        hook.remove()
+        runs[lock_step] = (tokens, calls)
+    assert torch.equal(runs[False][0], runs[True][0])
+    assert runs[True][1] == list(range(5, 13))  # positions 5..12 fed one by one (the prefill picked 5)
+    assert len(runs[False][1]) < len(runs[True][1])  # left as soon as both rows were done
+    with pytest.raises(ValueError, match="shortest prompt 5"):
+        decode(model, tokens, lens, token_sampler(SamplingParams(8)), StopRule(8), 0, start=6)
 
 
 if __name__ == "__main__":
