@@ -4,11 +4,11 @@
         --out best.jsonl --k 10 --max-new-tokens 256
 
 The K samples of one prompt share its prefix, so the prompt is prefilled ONCE and its KV cache copied
-to K rows (`KVCache.expand_rows`) before the K rows decode together; the naive way
-(`sample_recompute`) prefills every copy. Both follow `herd.text.generation.generate`'s scheme exactly
-(prompts left-aligned, decoding from the shortest prompt, rows still inside their prompt take the prompt
-token, one `sample_next` over all rows per step), so with the same seed they draw the same random numbers
-in the same order and produce the same tokens as `generate` on the K-fold repeated prompts.
+to K rows (`herd.text.generation.prefill_shared`, i.e. `KVCache.expand_rows`) before the K rows decode
+together; the naive way (`sample_recompute`) prefills every copy. Both run the one decode loop
+(`herd.text.generation.decode`) with `generate`'s sampler, so with the same seed they draw the same
+random numbers in the same order and produce the same tokens as `generate` on the K-fold repeated
+prompts.
 
 The output jsonl is what `herd train sft` reads: one `{"messages": [...prompt..., best reply]}` per prompt,
 with the reward of the kept reply and all K rewards.
@@ -29,20 +29,25 @@ from torch import nn
 
 from herd.data.records import SkipCounter
 from herd.text.chat_format import ChatFormat, Message
-from herd.text.generation import Completion, SamplingParams, prompt_lengths, sample_next, split_completions
+from herd.text.generation import (
+    Completion,
+    SamplingParams,
+    StopRule,
+    decode,
+    evaluating,
+    left_aligned,
+    prefill_shared,
+    prompt_lengths,
+    seeded_generator,
+    split_completions,
+    token_sampler,
+)
 
 # Scores a batch of full dialogs (prompt messages + one assistant reply each): one float per dialog.
 RewardFn = Callable[[Sequence[list[Message]]], Sequence[float]]
 
 
 # --- K samples per prompt --------------------------------------------------------------------------------
-def _prefill_last_logits(model: nn.Module, tokens: torch.Tensor, cache: Any) -> torch.Tensor:
-    """Fill `cache` with tokens (B, T) and return the logits of the last position only (B, V): the head
-    over all T positions would cost T·V per row (1 GB of fp32 logits for 2048 tokens of Llama 3)."""
-    h = model.forward_hidden(tokens, kv_cache=cache, start_pos=0)  # (B, T, D)
-    return model.head(h[:, -1:])[:, 0]  # (B, V)
-
-
 @torch.inference_mode()
 def _sample_group(
     model: nn.Module,
@@ -57,47 +62,22 @@ def _sample_group(
     step_logits: list[torch.Tensor] | None,
 ) -> list[Completion]:
     """K completions of each prompt, rows ordered prompt-major (row g·K + r is sample r of prompt g)."""
-    G, B = len(prompts), len(prompts) * k
     min_len, total_len = prompt_lengths(model, prompts, params.max_new_tokens)
-    device = next(model.parameters()).device
     rows = [p for p in prompts for _ in range(k)]
-    tokens = torch.full((B, total_len), pad_id, dtype=torch.long, device=device)  # (B, total)
-    in_prompt = torch.zeros((B, total_len), dtype=torch.bool, device=device)
-    for b, p in enumerate(rows):
-        tokens[b, : len(p)] = torch.tensor(list(p), dtype=torch.long, device=device)
-        in_prompt[b, : len(p)] = True
-    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    limit = torch.tensor([len(p) + params.max_new_tokens for p in rows], device=device)  # (B,)
+    tokens, lens = left_aligned(rows, total_len, pad_id, next(model.parameters()).device)  # (G·K, total)
+    # shared: the G distinct prompts prefilled up to the shortest one, each row's cache copied K times;
+    # otherwise (the naive baseline) every copy of a prompt is prefilled on its own row
+    prefilled = prefill_shared(model, tokens[:, :min_len], k, total_len) if share_prefix else None
+    draw = token_sampler(params, generator, vocab_limit)
 
-    if share_prefix:
-        # prefill the G distinct prompts up to the shortest one's length, then copy each row's cache K times
-        prefill = tokens[::k, :min_len]  # (G, min_len)
-        cache = model.new_kv_cache(G, total_len)
-        last = _prefill_last_logits(model, prefill, cache)  # (G, V)
-        cache = cache.expand_rows(k, min_len)  # (L, G·K, total, K_heads, hd)
-        last = last.repeat_interleave(k, dim=0)  # (B, V)
-    else:  # the naive baseline: every copy of a prompt is prefilled on its own row
-        cache = model.new_kv_cache(B, total_len)
-        last = _prefill_last_logits(model, tokens[:, :min_len], cache)  # (B, V)
-
-    for cur in range(min_len, total_len):
-        if cur > min_len:
-            last = model(tokens[:, cur - 1 : cur], kv_cache=cache, start_pos=cur - 1)[:, -1]  # (B, V)
+    def sample(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (G·K, V) → (G·K,)
         if step_logits is not None:
-            step_logits.append(last.float().clone())
-        if vocab_limit is not None:
-            last = last[:, :vocab_limit]  # padded vocabulary rows are not tokens
-        nxt = sample_next(last, params.temperature, params.top_p, generator)  # (B,)
-        nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        tokens[:, cur] = nxt
-        done |= ~in_prompt[:, cur] & torch.isin(nxt, stops)
-        done |= (cur + 1) >= limit
-        if bool(done.all()):
-            break
+            step_logits.append(logits.float().clone())  # before the vocabulary cut
+        return draw(logits, index)
 
-    return split_completions(tokens, rows, limit, stop_ids)
+    stop = StopRule(params.max_new_tokens, stop_ids)
+    decode(model, tokens, lens, sample, stop, pad_id, prefilled=prefilled)
+    return split_completions(tokens, rows, lens + params.max_new_tokens, stop_ids)
 
 
 def _groups(prompts: Sequence[Sequence[int]], batch_prompts: int) -> list[list[int]]:
@@ -125,20 +105,14 @@ def _sample_k(
         raise ValueError(f"k must be >= 1, got {k}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(params.seed)
-    was_training = model.training
-    model.eval()
-    try:
+    generator = seeded_generator(params.seed, next(model.parameters()).device)
+    with evaluating(model):
         for group in _groups(prompts, batch_prompts):
             flat = _sample_group(
                 model, [prompts[i] for i in group], k, params, stop_ids, pad_id, generator,
                 share_prefix, vocab_limit, step_logits,
             )  # fmt: skip
             yield group, [flat[g * k : (g + 1) * k] for g in range(len(group))]
-    finally:
-        model.train(was_training)
 
 
 def sample_shared_prefix(

@@ -1,18 +1,42 @@
-"""Batched KV-cache generation: greedy, temperature and top-p sampling; prompts of different lengths.
+"""The one decode loop: `prefill`, `decode_one_token` and `decode` with its hooks; `generate` on top.
 
-Prompts are right-aligned to a common start: all rows share positions, decoding starts after the
-shortest prompt, and a row still inside its prompt takes its prompt token instead of the sample
-(Meta's reference scheme). That needs no padding mask, so every row computes exactly what it would
-alone; the cost is that rows with longer prompts prefill one token per step after the shortest one.
+Every caller that samples from a model goes through `decode` (gpt-fast's split: one prefill, then one
+token per step): `generate` / `generate_text` / `ChatSession`, rejection sampling (`herd.sample`: K
+samples per prompt sharing one prefill), PPO rollouts (`herd.tasks.ppo_rollout.sample_responses`:
+inverse-CDF draws from given uniforms, lock-step across data-parallel ranks), image generation
+(`herd.adapters.generate_with_images`: `generate` after binding the images to the KV cache) and Ghost
+Attention's sampler (`generate` with a vocabulary limit). What differs between them is a hook:
+
+- a `Sampler` (logits of the next position → a token per row): temperature / top-p with a seeded
+  generator and an optional vocabulary limit (`token_sampler`), or PPO's inverse-CDF draw;
+- a `StopRule`: stop ids, the per-row length limit (prompt + max_new_tokens), and `lock_step` (never
+  leave the loop early, so that every data-parallel rank makes the same forward passes);
+- where the loop starts: `start` (PPO passes the shortest prompt over all ranks) and an already
+  filled cache with its last logits (`prefill_shared`: K copies of a prompt prefilled once).
+
+Prompt scheme (Meta's reference): prompts are left-aligned in one (B, total) buffer, so all rows share
+positions; decoding starts after the shortest prompt, and a row still inside its prompt takes its
+prompt token instead of the sample. That needs no padding mask, so every row computes exactly what it
+would alone; the cost is that rows with longer prompts prefill one token per step after the shortest
+one. After its stop token or its length limit a row writes `pad_id`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from herd.text.model import Llama
+
+# (logits of the next position (B, V), response index of that position (B,); < 0 inside the prompt)
+# → the next token of every row (B,). Rows inside their prompt or finished are overwritten afterwards,
+# but the sampler still sees them: a random stream advances the same way whatever the rows' states.
+Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -29,6 +53,16 @@ class Completion:
     stop_token: int | None  # the stop token that ended it, or None if max_new_tokens ran out
 
 
+@dataclass(frozen=True)
+class StopRule:
+    """When a row is finished, and whether the loop may end before the buffer does."""
+
+    max_new_tokens: int  # a row ends at its prompt length + max_new_tokens
+    stop_ids: Sequence[int] | frozenset[int] = ()  # a generated stop token ends its row (and is kept)
+    lock_step: bool = False  # True: decode up to the buffer's end even when every row has finished
+
+
+# --- sampling hooks -------------------------------------------------------------------------------------
 def sample_next(
     logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -46,10 +80,120 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A generator on `device` seeded with `seed`, or None (torch's global stream) without a seed."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+def token_sampler(
+    params: SamplingParams, generator: torch.Generator | None = None, vocab_limit: int | None = None
+) -> Sampler:
+    """Greedy / temperature / top-p (`sample_next`) over ids below `vocab_limit` (a trimmed tokenizer
+    under a padded embedding: the padding rows decode to no token, so they are never drawn)."""
+
+    def sample(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if vocab_limit is not None:
+            logits = logits[:, :vocab_limit]  # (B, V')
+        return sample_next(logits, params.temperature, params.top_p, generator)
+
+    return sample
+
+
+# --- the model's two steps ------------------------------------------------------------------------------
+def prefill(model: nn.Module, tokens: torch.Tensor, cache: Any, start_pos: int = 0) -> torch.Tensor:
+    """tokens (B, T) through the model into `cache` at start_pos; the logits of the last position (B, V).
+
+    A `Llama` runs the head on that position only: the head over all T positions would cost T·V per row
+    (1 GB of fp32 logits for 2048 tokens of Llama 3). Other models (composed ones, PPO's step) return
+    logits for every position, of which the last is kept."""
+    if isinstance(model, Llama):
+        h = model.forward_hidden(tokens, kv_cache=cache, start_pos=start_pos)  # (B, T, D)
+        return model.head(h[:, -1:])[:, 0]  # (B, V)
+    return model(tokens, kv_cache=cache, start_pos=start_pos)[:, -1]  # (B, V)
+
+
+def decode_one_token(model: nn.Module, token: torch.Tensor, cache: Any, pos: int) -> torch.Tensor:
+    """The token (B, 1) at position `pos` into `cache`; the logits of the next position (B, V)."""
+    return model(token, kv_cache=cache, start_pos=pos)[:, -1]
+
+
+def prefill_shared(
+    model: nn.Module, tokens: torch.Tensor, copies: int, max_seq_len: int
+) -> tuple[Any, torch.Tensor]:
+    """Rows g·copies … g·copies+copies-1 of tokens (B, T) hold the same prompt prefix: prefill each
+    group's first row only, then copy its cache and last logits to the group's rows (rejection
+    sampling's shared prefix). Returns (cache of B rows holding positions 0..T-1, logits (B, V))."""
+    distinct = tokens[::copies]  # (G, T)
+    cache = model.new_kv_cache(distinct.shape[0], max_seq_len)
+    logits = prefill(model, distinct, cache)  # (G, V)
+    return cache.expand_rows(copies, tokens.shape[1]), logits.repeat_interleave(copies, dim=0)
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+def decode(
+    model: nn.Module,
+    tokens: torch.Tensor,  # (B, total): prompts left-aligned, pad_id after them; decoded in place
+    prompt_lens: torch.Tensor,  # (B,)
+    sample: Sampler,
+    stop: StopRule,
+    pad_id: int,
+    start: int | None = None,
+    prefilled: tuple[Any, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Fill positions start..total-1 of `tokens` and return it.
+
+    `start` defaults to the shortest prompt; it may be smaller (PPO agrees it over ranks), never larger.
+    `prefilled` = (cache, logits (B, V)) already holding positions 0..start-1 (`prefill_shared`);
+    otherwise the loop makes a cache with `model.new_kv_cache(B, total)` and prefills it. `model` is
+    anything `prefill` / `decode_one_token` can call. The caller picks no_grad / inference_mode."""
+    B, total = tokens.shape
+    device = tokens.device
+    lens = prompt_lens.to(device)
+    shortest = int(lens.min())
+    start = shortest if start is None else start
+    if not 1 <= start <= shortest:
+        raise ValueError(f"decoding must start inside [1, shortest prompt {shortest}], not {start}")
+    if start >= total:
+        return tokens  # nothing to decode (max_new_tokens 0 and prompts of one length)
+    if prefilled is None:
+        cache = model.new_kv_cache(B, total)
+        logits = prefill(model, tokens[:, :start], cache)  # (B, V)
+    else:
+        cache, logits = prefilled
+    in_prompt = torch.arange(total, device=device)[None, :] < lens[:, None]  # (B, total)
+    stops = torch.tensor(sorted(stop.stop_ids), dtype=torch.long, device=device)
+    limit = lens + stop.max_new_tokens  # (B,): each row's end
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for cur in range(start, total):
+        if cur > start:
+            logits = decode_one_token(model, tokens[:, cur - 1 : cur], cache, cur - 1)  # (B, V)
+        nxt = sample(logits, cur - lens)  # (B,)
+        nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens[:, cur] = nxt
+        done |= ~in_prompt[:, cur] & torch.isin(nxt, stops)
+        done |= (cur + 1) >= limit
+        if not stop.lock_step and bool(done.all()):  # a host sync per step; lock-step skips it
+            break
+    return tokens
+
+
+def left_aligned(
+    prompts: Sequence[Sequence[int]], total_len: int, pad_id: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loop's buffer: prompts at position 0, pad_id after them → (tokens (B, total), lengths (B,))."""
+    tokens = torch.full((len(prompts), total_len), pad_id, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        tokens[b, : len(p)] = torch.tensor(list(p), dtype=torch.long, device=device)
+    return tokens, torch.tensor([len(p) for p in prompts], device=device)
+
+
 def prompt_lengths(
     model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int
 ) -> tuple[int, int]:
     """(shortest prompt, longest prompt + max_new_tokens); a clear error past the model's max_seq_len."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
     min_len = min(len(p) for p in prompts)
     max_len = max(len(p) for p in prompts)
     total_len = max_len + max_new_tokens
@@ -61,6 +205,18 @@ def prompt_lengths(
     return min_len, total_len
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode for the block (no dropout), its previous mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# --- generate -------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def generate(
     model: nn.Module,
@@ -68,47 +224,18 @@ def generate(
     params: SamplingParams | None = None,
     stop_ids: Sequence[int] | frozenset[int] = (),
     pad_id: int = 0,
+    vocab_limit: int | None = None,
 ) -> list[Completion]:
-    """Complete each prompt; `model` is a `Llama` (anything with its forward/new_kv_cache API)."""
+    """Complete each prompt; `model` is a `Llama` (anything with its forward/new_kv_cache API).
+    `vocab_limit`: sample only ids below it (a trimmed tokenizer under a padded vocabulary)."""
     params = params or SamplingParams()
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    B = len(prompts)
-    min_len, total_len = prompt_lengths(model, prompts, params.max_new_tokens)
+    _, total_len = prompt_lengths(model, prompts, params.max_new_tokens)
     device = next(model.parameters()).device
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
-
-    tokens = torch.full((B, total_len), pad_id, dtype=torch.long, device=device)  # (B, total)
-    in_prompt = torch.zeros((B, total_len), dtype=torch.bool, device=device)
-    for b, p in enumerate(prompts):
-        tokens[b, : len(p)] = torch.tensor(list(p), dtype=torch.long, device=device)
-        in_prompt[b, : len(p)] = True
-    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    # each row ends at its own length limit: prompt + max_new_tokens
-    limit = torch.tensor([len(p) + params.max_new_tokens for p in prompts], device=device)
-
-    was_training = model.training
-    model.eval()
-    cache = model.new_kv_cache(B, total_len)
-    prev = 0
-    for cur in range(min_len, total_len):
-        logits = model(tokens[:, prev:cur], kv_cache=cache, start_pos=prev)  # (B, cur-prev, V)
-        nxt = sample_next(logits[:, -1], params.temperature, params.top_p, generator)
-        nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        tokens[:, cur] = nxt
-        generated = ~in_prompt[:, cur]
-        done |= generated & torch.isin(nxt, stops)
-        done |= (cur + 1) >= limit
-        prev = cur
-        if bool(done.all()):
-            break
-    model.train(was_training)
-
-    return split_completions(tokens, prompts, limit, stop_ids)
+    tokens, lens = left_aligned(prompts, total_len, pad_id, device)  # (B, total), (B,)
+    sample = token_sampler(params, seeded_generator(params.seed, device), vocab_limit)
+    with evaluating(model):
+        decode(model, tokens, lens, sample, StopRule(params.max_new_tokens, stop_ids), pad_id)
+    return split_completions(tokens, prompts, lens + params.max_new_tokens, stop_ids)
 
 
 def split_completions(
@@ -132,7 +259,7 @@ def split_completions(
 
 def generate_text(
     model: nn.Module,
-    tokenizer,
+    tokenizer: Any,
     prompts: Sequence[str],
     params: SamplingParams | None = None,
     bos: bool = True,

@@ -193,8 +193,9 @@ def model_sample_fn(
     from herd.text.loading import load_pretrained
 
     model, tokenizer = load_pretrained(checkpoint, device=device)
-    if model.args.vocab_size > tokenizer.vocab_size:  # e.g. a trimmed vocabulary padded to a multiple of 64
-        model = _limit_vocab(model, tokenizer.vocab_size)
+    # a trimmed vocabulary padded to a multiple of 64: the padding rows have no token to decode to, so they
+    # must never be sampled
+    vocab_limit = tokenizer.vocab_size if model.args.vocab_size > tokenizer.vocab_size else None
     fmt = ChatFormat(tokenizer)
     pad = max(getattr(tokenizer, "pad_id", 0), 0)
     calls = [0]
@@ -208,30 +209,11 @@ def model_sample_fn(
             )
         calls[0] += 1  # each call its own seed: reproducible, and no two turns share a random stream
         params = SamplingParams(min(max_new_tokens, room), temperature, seed=seed * 1_000_003 + calls[0])
-        completion = generate(model, [prompt], params, stop_ids=tokenizer.stop_ids, pad_id=pad)[0]
+        completion = generate(model, [prompt], params, tokenizer.stop_ids, pad, vocab_limit)[0]
         stop = [completion.stop_token] if completion.stop_token is not None else []
         return fmt.decode_assistant_message(completion.tokens + stop).content
 
     return sample
-
-
-def _limit_vocab(model: Any, vocab_size: int) -> Any:
-    """The model with its logits cut at the tokenizer's vocabulary: the padding rows of a larger embedding
-    have no token to decode to, so they must never be sampled (torch is imported here, not for --help)."""
-    from torch import nn
-
-    class VocabLimited(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model, self.args = model, model.args
-
-        def forward(self, tokens: Any, **kwargs: Any) -> Any:
-            return self.model(tokens, **kwargs)[..., :vocab_size]  # (B, T, V_tokenizer)
-
-        def new_kv_cache(self, *args: Any, **kwargs: Any) -> Any:
-            return self.model.new_kv_cache(*args, **kwargs)
-
-    return VocabLimited()
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -11,11 +11,12 @@ PPO reuses a rollout for `ppo_epochs` optimizer steps, so the batches come in *r
 micro-batches per step, rollouts r..r+A-1 are each yielded once per epoch, epoch-major, and every yield
 carries its rollout id and epoch. The task generates a rollout at epoch 0 and reuses it afterwards.
 
-Sampling: responses are drawn by inverse-CDF sampling from uniforms that depend only on (train.seed,
-stream position of the prompt), never on the batch around a row, so one process and N data-parallel
-ranks draw the same response for the same prompt. Every rank runs exactly the same number of forward
-passes (the prompt-length range is agreed across ranks and no row stops the loop early), which keeps
-FSDP's per-block all-gathers in lock-step; tokens after a row's first stop token are masked instead.
+Sampling: the one decode loop (`herd.text.generation.decode`) with PPO's hooks. Responses are drawn by
+inverse-CDF sampling from uniforms that depend only on (train.seed, stream position of the prompt), never
+on the batch around a row, so one process and N data-parallel ranks draw the same response for the same
+prompt. Every rank runs exactly the same number of forward passes (the prompt-length range is agreed
+across ranks here and passed to the loop, which runs in lock-step: no early exit), which keeps FSDP's
+per-block all-gathers in lock-step; tokens after a row's first stop token are masked instead.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.distributed as dist
 
 from herd.data.records import SkipCounter
 from herd.text.chat_format import ROLES, ChatFormat, Message
+from herd.text.generation import StopRule, decode
 
 _MESSAGE_KEYS = {"role", "content", "tool_calls", "stop_reason"}
 
@@ -208,6 +210,20 @@ class Responses:
     finished: torch.Tensor  # (b,) bool: the response ended with a stop token (not cut off at N)
 
 
+class _StepModel:
+    """PPO's (step, new_cache) callables as the decode loop's model: `model(tokens, kv_cache=, start_pos=)`
+    and `model.new_kv_cache(rows, length)`. The step returns logits for every position, so the prefill
+    keeps the last one (PPO's composed policy has no hidden-state-only path)."""
+
+    def __init__(
+        self, step: Callable[[torch.Tensor, Any, int], torch.Tensor], new_cache: Callable[[int, int], Any]
+    ) -> None:
+        self.step, self.new_kv_cache = step, new_cache
+
+    def __call__(self, tokens: torch.Tensor, kv_cache: Any = None, start_pos: int = 0) -> torch.Tensor:
+        return self.step(tokens, kv_cache, start_pos)  # (b, T, V)
+
+
 @torch.no_grad()
 def sample_responses(
     step: Callable[[torch.Tensor, Any, int], torch.Tensor],  # (tokens (b, T), cache, start) → (b, T, V)
@@ -220,10 +236,11 @@ def sample_responses(
     stop_ids: Sequence[int] | frozenset[int],
     pad_id: int,
 ) -> Responses:
-    """N = uniforms.shape[1] response tokens per prompt, in `herd.text.generation`'s scheme (prompts
+    """N = uniforms.shape[1] response tokens per prompt from `herd.text.generation.decode` (prompts
     left-aligned, decoding from the shortest prompt, rows inside their prompt take the prompt token).
 
-    The shortest and longest prompt lengths are agreed across ranks (all-reduce), so every rank makes
+    The shortest and longest prompt lengths are agreed across ranks (all-reduce) and passed to the loop
+    as its start and buffer width, and the loop runs in lock-step (no early exit), so every rank makes
     exactly P_max + N - P_min forward passes whatever its own prompts."""
     b, N = uniforms.shape
     device = prompt_tokens.device
@@ -233,21 +250,15 @@ def sample_responses(
     min_len, total = -neg_min, max_len + N
     tokens = torch.full((b, total), pad_id, dtype=torch.long, device=device)  # (b, total)
     tokens[:, : prompt_tokens.shape[1]] = prompt_tokens
-    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     uniforms = uniforms.to(device)
-    stopped = torch.zeros(b, dtype=torch.bool, device=device)
-    cache = new_cache(b, total)
-    prev = 0
-    for cur in range(min_len, total):
-        logits = step(tokens[:, prev:cur], cache, prev)[:, -1]  # (b, V)
-        index = cur - lens  # (b,) response index of position cur; < 0 inside the prompt
-        active = (index >= 0) & (index < N) & ~stopped
-        u = uniforms.gather(1, index.clamp(0, N - 1)[:, None])[:, 0]
-        drawn = sample_from_uniforms(logits, u, temperature, vocab_limit)
-        in_prompt = index < 0
-        tokens[:, cur] = torch.where(active, drawn, torch.where(in_prompt, tokens[:, cur], pad_id))
-        stopped |= active & torch.isin(drawn, stops)
-        prev = cur
+
+    def sample(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (b, V), (b,) → (b,)
+        u = uniforms.gather(1, index.clamp(0, N - 1)[:, None])[:, 0]  # the draw of response position index
+        return sample_from_uniforms(logits, u, temperature, vocab_limit)
+
+    stop = StopRule(N, stop_ids, lock_step=True)
+    decode(_StepModel(step, new_cache), tokens, lens, sample, stop, pad_id, start=min_len)
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     positions = lens[:, None] + torch.arange(N, device=device)  # (b, N)
     response = tokens.gather(1, positions)
     is_stop = torch.isin(response, stops)
