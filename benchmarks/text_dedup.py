@@ -10,7 +10,7 @@ earlier document (a few percent of words replaced). Compared on the same documen
   * datasketch_update_batch: the same with `MinHash.update_batch(shingles)`;
   * herd_stage: herd.data's MinHashDedup stage (cached word hashes, vectorised shingles and
     permutations, datasketch's MinHashLSH);
-  * herd_pipeline: `herd dedup text` end to end (jsonl in/out, checkpoints, rejects), MinHash only
+  * herd_pipeline: `herd data dedup-text` end to end (jsonl in/out, checkpoints, rejects), MinHash only
     and all three stages.
 Not part of the test suite.
 """

@@ -1,7 +1,7 @@
 """Image question answering with a trained vision adapter: `herd ask` and its Python API.
 
     qa = VisionQA.load("runs/quickstart/vision_model")
-    qa.ask([Image.open("shapes.png")], ["How many shapes are there?"])
+    qa.ask([read_image("shapes.png")], ["How many shapes are there?"])
 
 The checkpoint format (`vision.json` + `adapter.safetensors`, the frozen LLM loaded from its own
 checkpoint) lives with the model: `herd.adapters.multimodal_io`.
@@ -20,6 +20,22 @@ from herd.adapters.multimodal_io import load_multimodal_model
 from herd.tasks.vision import qa_prompt
 from herd.text.generation import SamplingParams
 from herd.vision.tiling import ImageTransform, collate_images
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """An image file as RGB, decoded now. A missing file raises FileNotFoundError, an unreadable one or
+    one too large to decode safely (PIL's decompression-bomb limit, `Image.MAX_IMAGE_PIXELS`, which fires
+    on the header alone) ValueError; both name the file, which PIL's own errors do not."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: image too large to decode safely: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError and truncated files: OSError
+        raise ValueError(f"{path}: cannot read image: {e}") from e
 
 
 class VisionQA:

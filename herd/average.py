@@ -1,7 +1,7 @@
 """Checkpoint averaging (Llama 3 §3.1.3, §4.1.5): the weighted mean of runs of one architecture.
 
-    herd average runs/rm-v1/model runs/rm-v2/model runs/rm-v3/model --out runs/rm-avg
-    herd average runs/dpo-a/model runs/dpo-b/model --weights 2 1 --out runs/dpo-avg
+    herd post average runs/rm-v1/model runs/rm-v2/model runs/rm-v3/model --out runs/rm-avg
+    herd post average runs/dpo-a/model runs/dpo-b/model --weights 2 1 --out runs/dpo-avg
 
 Llama 3 averages the models of reward-model, SFT and DPO runs made with different data or
 hyper-parameter versions (and annealing checkpoints in pre-training). The mean is taken in fp32
@@ -16,7 +16,6 @@ Reward-model exports (`herd train rm`: a tied-embedding Meta trunk + `score_head
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -219,60 +218,27 @@ def save_averaged(
     return written
 
 
-# --- CLI -------------------------------------------------------------------------------------------------
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `average` on an `argparse` subparsers object; returns the new parser."""
-    p = subparsers.add_parser(
-        "average",
-        help="average checkpoints of one architecture (RM / SFT / DPO runs), written in Meta layout",
-        description="Weighted or uniform average of checkpoint directories (Meta or Hugging Face layout) "
-        "with identical architectures; the tokenizer files come from the first one.",
-    )
-    p.add_argument("checkpoints", nargs="+", help="checkpoint directories")
-    p.add_argument("--out", required=True, help="destination directory (Meta layout)")
-    p.add_argument(
-        "--weights",
-        type=float,
-        nargs="+",
-        default=None,
-        help="one per checkpoint, normalised (default uniform)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace weights already in --out")
-    p.set_defaults(func=run)
-    return p
+# --- folders in, folder out -----------------------------------------------------------------------------
+def average_to_dir(
+    checkpoints: Sequence[str | PathLike],
+    out: str | PathLike,
+    weights: Sequence[float] | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """`herd post average`: `average_checkpoints` then `save_averaged` (tokenizer files from the first).
 
-
-def run(args: argparse.Namespace) -> int:
-    """Average as `args` says and print a short summary; returns the exit status."""
-    from rich.console import Console
-    from rich.table import Table
-
-    out = Path(args.out).resolve()
-    if any(Path(c).resolve() == out for c in args.checkpoints):
-        raise SystemExit(f"herd average: --out {args.out} is one of the inputs")
+    Returns a summary: the normalised weights, the output folder, tensor and parameter counts, the
+    files written and the seconds taken.
+    """
     start = time.perf_counter()
-    weights = normalized_weights(args.weights, len(args.checkpoints))
-    model_args, state = average_checkpoints(args.checkpoints, weights)
-    files = save_averaged(model_args, state, args.out, args.checkpoints[0], overwrite=args.overwrite)
-    table = Table(title="herd average", show_header=False)
-    for path, w in zip(args.checkpoints, weights):
-        table.add_row(str(path), f"weight {w:.4f}")
-    table.add_row("to", str(args.out))
-    table.add_row("tensors", f"{len(state):,}")
-    table.add_row("params", f"{sum(t.numel() for t in state.values()):,}")
-    table.add_row("files", ", ".join(files))
-    table.add_row("seconds", f"{time.perf_counter() - start:.2f}")
-    Console().print(table)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m herd.average ...`); `herd average` is the usual one."""
-    parser = argparse.ArgumentParser(prog="herd")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args(argv)
-    return ns.func(ns)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    w = normalized_weights(weights, len(checkpoints))
+    model_args, state = average_checkpoints(checkpoints, w)
+    files = save_averaged(model_args, state, out, checkpoints[0], overwrite=overwrite)
+    return {
+        "weights": w,
+        "out": str(out),
+        "tensors": len(state),
+        "params": sum(t.numel() for t in state.values()),
+        "files": files,
+        "seconds": time.perf_counter() - start,
+    }

@@ -1,6 +1,6 @@
 """Rejection sampling (Llama 2 §3.2.3, Llama 3 §4.2.2): K responses per prompt, the reward model keeps the best.
 
-    herd sample --policy runs/sft/model --reward-model runs/rm/model --prompts prompts.jsonl \\
+    herd post sample --policy runs/sft/model --reward-model runs/rm/model --prompts prompts.jsonl \\
         --out best.jsonl --k 10 --max-new-tokens 256
 
 The K samples of one prompt share its prefix, so the prompt is prefilled ONCE and its KV cache copied
@@ -16,7 +16,6 @@ with the reward of the kept reply and all K rewards.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -327,111 +326,82 @@ def read_prompts(path: str | Path, skipped: SkipCounter) -> list[tuple[str, list
     return out
 
 
-# --- CLI -------------------------------------------------------------------------------------------------
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `sample` on an `argparse` subparsers object; returns the new parser."""
-    p = subparsers.add_parser(
-        "sample",
-        help="rejection sampling: K replies per prompt, keep the reward model's best (SFT data)",
-        description="Draw K replies per prompt from a policy (shared-prefix KV cache), score them with "
-        "a reward model and write the best as SFT-ready jsonl (Llama 3 §4.2.2).",
-    )
-    p.add_argument("--policy", required=True, help="policy checkpoint directory (Meta or HF layout)")
-    p.add_argument("--reward-model", required=True, help="reward model directory (`herd train rm` export)")
-    p.add_argument("--prompts", required=True, help='jsonl of {"messages": [...]} or {"prompt": "..."}')
-    p.add_argument("--out", required=True, help="output jsonl (overwritten)")
-    p.add_argument("--k", type=int, default=10, help="replies per prompt (default 10)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=1.0,
-        help="default 1.0: the K replies come from the policy's own distribution, diverse enough for "
-        "the best of K to beat the typical one; 0 makes all K identical",
-    )
-    p.add_argument("--top-p", type=float, default=1.0, help="default 1.0 (the reward model filters the tail)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0: reproducible runs)")
-    p.add_argument("--batch-prompts", type=int, default=1, help="prompts decoded together (N·K rows)")
-    p.add_argument("--rm-batch-size", type=int, default=16, help="dialogs per reward-model forward")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="policy dtype")
-    p.set_defaults(func=run)
-    return p
+# --- prompts file → best-of-K file ----------------------------------------------------------------------
+def rejection_sample_file(
+    policy: str | Path,
+    reward_model: str | Path,
+    prompts: str | Path,
+    out: str | Path,
+    k: int = 10,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+    batch_prompts: int = 1,
+    rm_batch_size: int = 16,
+    device: str = "cpu",
+    dtype: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`herd post sample`: K replies per prompt of a jsonl file from the `policy` checkpoint, the best by
+    the `reward_model` export written to `out` as SFT-ready jsonl (one `RejectionRecord.to_json` a line).
 
-
-def run(args: argparse.Namespace) -> int:
-    """`herd sample`: read prompts, sample, score, write the jsonl and print a summary."""
+    Temperature 1.0 by default: the K replies come from the policy's own distribution, diverse enough
+    for the best of K to beat the typical one (0 makes all K identical). Bad prompt records and prompts
+    too long for the policy's context are skipped and counted. Returns the summary: prompts, skipped,
+    k, out, mean_best_reward and mean_reward (best-of-K minus the average reply is what selection gains),
+    seconds, and `skipped_examples` / `truncated` (dialogs cut to the reward model's context).
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from herd.text.loading import load_pretrained
     from herd.text.reward_model import load_reward_model
 
-    if args.k < 1 or args.batch_prompts < 1 or args.max_new_tokens < 1:
-        raise SystemExit("herd sample: --k, --batch-prompts and --max-new-tokens must be >= 1")
-    if not Path(args.prompts).is_file():
-        raise SystemExit(f"herd sample: prompts file not found: {args.prompts}")
-    console = Console(stderr=True)
-    policy, tokenizer = load_pretrained(args.policy, device=args.device, dtype=args.dtype)
-    reward_model, rm_tokenizer = load_reward_model(args.reward_model, args.device)
-    scorer = RewardModelScorer(reward_model, rm_tokenizer, args.rm_batch_size)
-    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    if k < 1 or batch_prompts < 1 or max_new_tokens < 1:
+        raise ValueError(f"k, batch_prompts and max_new_tokens must be >= 1, got {k}, {batch_prompts}, "
+                         f"{max_new_tokens}")  # fmt: skip
+    if not Path(prompts).is_file():
+        raise FileNotFoundError(f"{prompts}: prompts file not found")
+    policy_model, tokenizer = load_pretrained(policy, device=device, dtype=dtype)
+    rm, rm_tokenizer = load_reward_model(reward_model, device)
+    scorer = RewardModelScorer(rm, rm_tokenizer, rm_batch_size)
+    params = SamplingParams(max_new_tokens, temperature, top_p, seed)
 
     skipped = SkipCounter()
     chat = ChatFormat(tokenizer)
     dialogs = []
-    for where, dialog in read_prompts(args.prompts, skipped):
+    for where, dialog in read_prompts(prompts, skipped):
         n = len(chat.encode_dialog_prompt(dialog))
-        if n + params.max_new_tokens > policy.args.max_seq_len:
-            skipped.add(
-                "too_long",
-                where,
-                f"prompt of {n} tokens + {params.max_new_tokens} new > {policy.args.max_seq_len}",
-            )
+        if n + max_new_tokens > policy_model.args.max_seq_len:
+            why = f"prompt of {n} tokens + {max_new_tokens} new > {policy_model.args.max_seq_len}"
+            skipped.add("too_long", where, why)
             continue
         dialogs.append(dialog)
 
-    out_path = Path(args.out)
+    out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     start, best, mean = time.perf_counter(), [], []
     columns = (TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with out_path.open("w", encoding="utf-8") as f, Progress(*columns, console=console) as bar:
+    bar = Progress(*columns, console=Console(stderr=True), disable=not progress)
+    with out_path.open("w", encoding="utf-8") as f, bar:
         task = bar.add_task("prompts", total=len(dialogs))
-        records = iter_rejection_samples(
-            policy, tokenizer, scorer, dialogs, args.k, params, args.batch_prompts
-        )
-        for _, record in records:
+        for _, record in iter_rejection_samples(
+            policy_model, tokenizer, scorer, dialogs, k, params, batch_prompts
+        ):
             f.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
             f.flush()  # an interrupted run keeps what it finished
             best.append(record.rewards[record.best_index])
             mean.append(sum(record.rewards) / len(record.rewards))
             bar.advance(task)
-    seconds = time.perf_counter() - start
-    if skipped.count:
-        console.print(f"[yellow]skipped {skipped.count} bad prompt record(s), e.g. {skipped.examples[0]}")
-    if scorer.truncated:
-        console.print(f"[yellow]{scorer.truncated} dialog(s) longer than the reward model's context were cut")
-    summary = {
+    return {
         "prompts": len(dialogs),
         "skipped": skipped.count,
-        "k": args.k,
+        "k": k,
         "out": str(out_path),
-        # best-of-K minus the average reply: what the selection gains
         "mean_best_reward": sum(best) / len(best) if best else None,
         "mean_reward": sum(mean) / len(mean) if mean else None,
-        "seconds": round(seconds, 2),
+        "seconds": round(time.perf_counter() - start, 2),
+        "skipped_examples": list(skipped.examples),
+        "truncated": scorer.truncated,
     }
-    Console().print_json(json.dumps(summary))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m herd.sample ...`); `herd sample` is the usual one."""
-    parser = argparse.ArgumentParser(prog="herd")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args(argv)
-    return ns.func(ns)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -12,15 +12,13 @@ fine-tuning data that fixes it:
    instruction given several turns before, is learned.
 
 `build_gatt_dataset` runs both steps with any `sample_fn(messages) -> str` and writes SFT jsonl;
-`herd gatt` (see `add_parser`) samples with a checkpoint through `herd.text.generation.generate`.
+`gatt_from_files` (`herd post gatt`) samples with a checkpoint through `herd.text.generation.generate`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -216,43 +214,25 @@ def model_sample_fn(
     return sample
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `gatt` on an `argparse` subparsers object; returns the new parser."""
-    p = subparsers.add_parser(
-        "gatt",
-        help="build Ghost Attention (multi-turn instruction following) SFT data with a chat model",
-        description="Llama 2 §3.3: draw an instruction per dialog, re-sample every assistant turn with the "
-        "model on the dialog with the instruction in every user turn, write the dialogs with the "
-        "instruction in the first turn only and loss on the last answer only (SFT jsonl).",
-    )
-    p.add_argument("--model", required=True, help="chat checkpoint directory (Meta or Hugging Face layout)")
-    p.add_argument("--dialogs", required=True, help='jsonl of {"messages": [user, assistant, ...]} dialogs')
-    p.add_argument("--instructions", required=True, help="text file, one system instruction per line")
-    p.add_argument("--out", required=True, help="output SFT jsonl (for `herd train sft`)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--placement", choices=("user", "system"), default="user", help="where the instruction stays"
-    )
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=run)
-    return p
+def gatt_from_files(
+    model: str | Path,
+    dialogs: str | Path,
+    instructions: str | Path,
+    out: str | Path,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    seed: int = 0,
+    placement: str = "user",
+    device: str = "cpu",
+) -> tuple[int, SkipCounter]:
+    """`herd post gatt`: GAtt SFT data from a dialogs jsonl and an instructions file, every assistant turn
+    re-sampled by the chat checkpoint `model`; returns (dialogs written to `out`, the skipped ones).
 
-
-def run(args: argparse.Namespace) -> int:
+    Both files are read before the model loads, so a typo in a path fails at once.
+    """
     skipped = SkipCounter()
-    try:
-        dialogs = read_dialog_file(args.dialogs, skipped)
-        instructions = read_instructions(args.instructions)
-    except (OSError, ValueError) as e:
-        print(f"herd gatt: {e}", file=sys.stderr)
-        return 2
-    sample_fn = model_sample_fn(args.model, args.max_new_tokens, args.temperature, args.seed, args.device)
-    written = build_gatt_dataset(
-        dialogs, instructions, sample_fn, args.seed, args.out, args.placement, skipped
-    )
-    if skipped.count:
-        print(f"herd gatt: skipped {skipped.count} dialog(s), e.g. {skipped.examples[0]}", file=sys.stderr)
-    print(f"wrote {written} GAtt dialog(s) to {args.out}")
-    return 0
+    records = read_dialog_file(dialogs, skipped)
+    drawn_from = read_instructions(instructions)
+    sample_fn = model_sample_fn(model, max_new_tokens, temperature, seed, device)
+    written = build_gatt_dataset(records, drawn_from, sample_fn, seed, out, placement, skipped)
+    return written, skipped

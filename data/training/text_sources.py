@@ -8,6 +8,7 @@ Bad *files* (a missing path, a parquet file without the text column, a truncated
 error naming the file, because they mean the job was set up wrong.
 
 Compressed inputs are recognised by suffix: `.gz` (stdlib) and `.zst` (needs the optional `zstandard`).
+`tokenize_corpus` runs a corpus through `token_shards.write_token_shards` (`herd data tokenize`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import io
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from herd.data.records import SkipCounter
 
@@ -188,3 +189,58 @@ def iter_documents(
     if source == "parquet":
         return read_parquet_documents(files, text_field, skipped)
     return read_text_documents(files)
+
+
+def tokenize_corpus(
+    source: str,
+    inputs: Iterable[str | Path],
+    out: str | Path,
+    tokenizer: str | Path | None = None,
+    text_field: str = "text",
+    shard_tokens: int | None = None,
+    dtype: str = "auto",
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`herd data tokenize`: the documents of `inputs` (files, folders, globs) → token shards under `out`.
+
+    A rerun after a kill resumes after the last complete shard. `tokenizer` is a tokenizer file or a
+    checkpoint folder (default: Llama 3's). Returns the shard manifest (`write_token_shards`) plus
+    `resumed_tokens` (already written before this call), `seconds` and `skipped_examples`.
+    """
+    import time
+
+    from herd.data.training.token_shards import DEFAULT_SHARD_TOKENS, read_manifest, write_token_shards
+    from herd.text.tokenizer import load_tokenizer
+
+    files = expand_paths(source, inputs)  # a typo in a path fails before the tokenizer loads
+    encoder = load_tokenizer(tokenizer)
+    try:
+        before = 0 if overwrite else sum(s["num_tokens"] for s in read_manifest(out)["shards"])
+    except FileNotFoundError:  # a fresh output folder
+        before = 0
+    skipped = SkipCounter()
+    described = {
+        "source": source,
+        "files": [str(f.resolve()) for f in files],
+        "text_field": text_field if source != "text" else None,
+    }
+    start = time.perf_counter()
+    manifest = write_token_shards(
+        iter_documents(source, files, text_field, skipped),
+        encoder,
+        out,
+        shard_tokens=shard_tokens or DEFAULT_SHARD_TOKENS,
+        dtype=dtype,
+        inputs=described,
+        workers=workers,
+        overwrite=overwrite,
+        progress=progress,
+        skipped=skipped,
+    )
+    return manifest | {
+        "resumed_tokens": before,
+        "seconds": time.perf_counter() - start,
+        "skipped_examples": list(skipped.examples),
+    }

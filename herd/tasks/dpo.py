@@ -17,7 +17,6 @@ no optimizer state) but sharded by FSDP and TP like the policy. When every recor
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -293,42 +292,6 @@ def precompute_reference_logps(
             for obj, (c, r) in zip(raw[start : start + batch_size], logps.tolist()):
                 f.write(json.dumps({**obj, "ref_chosen_logp": c, "ref_rejected_logp": r}) + "\n")
     return len(encoded), skipped
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `dpo-reference` (precompute reference log-probs into a preference jsonl)."""
-    p = subparsers.add_parser(
-        "dpo-reference",
-        help="add the reference model's log-probs to a preference jsonl (DPO then needs no second model)",
-    )
-    p.add_argument("--reference", required=True, help="reference checkpoint (the DPO run's model.init_from)")
-    p.add_argument("input", help="preference jsonl")
-    p.add_argument("output", help="jsonl to write, with ref_chosen_logp / ref_rejected_logp added")
-    p.add_argument("--seq-len", type=int, default=None, help="skip longer records (default: the model's max)")
-    p.add_argument(
-        "--no-mask-format-tokens",
-        action="store_true",
-        help="count template tokens (dpo.mask_format_tokens=false)",
-    )
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=_run_precompute)
-    return p
-
-
-def _run_precompute(args: argparse.Namespace) -> int:
-    n, skipped = precompute_reference_logps(
-        args.reference,
-        args.input,
-        args.output,
-        args.seq_len,
-        not args.no_mask_format_tokens,
-        args.batch_size,
-        args.device,
-    )
-    note = f"; skipped {skipped.count} bad record(s), e.g. {skipped.examples[0]}" if skipped.count else ""
-    print(f"wrote {n} records with reference log-probs to {args.output}{note}")
-    return 0
 
 
 __all__ = [

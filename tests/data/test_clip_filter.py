@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 from synthetic_inputs import draw_image, write_jsonl
 
-from herd.data.cli import add_parsers
+from herd.commands import build_parser
 from herd.data.curation.image_sources import ManifestSource
 from herd.data.records import read_jsonl
 
@@ -91,10 +90,9 @@ def test_cli_with_config_file_and_local_weights(tiny_clip, tmp_path: Path) -> No
     torch.save(model.state_dict(), weights)
     manifest = make_manifest(tmp_path, n=4)
     want = direct_scores(model, preprocess, tokenizer, manifest, 4)
-    ap = argparse.ArgumentParser()
-    add_parsers(ap.add_subparsers(dest="command", required=True))
+    ap = build_parser()
     out = tmp_path / "out"
-    args = ap.parse_args(["filter", "clip", "--manifest", str(manifest), "--model", "herd-test-file",
+    args = ap.parse_args(["data", "filter-clip", "--manifest", str(manifest), "--model", "herd-test-file",
                           "--model-config", str(cfg_path), "--pretrained", str(weights), "--threshold", "-1",
                           "--out", str(out), "--no-progress"])  # fmt: skip
     assert args.func(args) == 0

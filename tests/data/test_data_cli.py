@@ -1,4 +1,4 @@
-"""`herd dedup|filter|resample` through a parser built the way herd/cli.py wires `add_parsers`."""
+"""`herd data dedup-images|dedup-text|filter-text|filter-clip|resample` through the `herd` parser and main."""
 
 from __future__ import annotations
 
@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 from synthetic_inputs import write_jsonl
 
-from herd.data.cli import add_parsers, main
+from herd.cli import main
+from herd.commands import build_parser
 from herd.data.records import read_parts
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="herd")
-    add_parsers(ap.add_subparsers(dest="command", required=True))
-    return ap
+    return build_parser()
 
 
 def run(*argv: str) -> int:
@@ -26,18 +25,18 @@ def run(*argv: str) -> int:
 
 def test_commands_are_registered() -> None:
     ap = parser()
-    for argv in (["dedup", "images", "--images", "d", "--threshold", "0.5", "--out", "o"],
-                 ["dedup", "text", "--input", "a.jsonl", "--out", "o"],
-                 ["filter", "text", "--input", "a.jsonl", "--out", "o"],
-                 ["filter", "clip", "--manifest", "m", "--model", "ViT-B-32", "--threshold", "0.2", "--out", "o"],
-                 ["resample", "--captions", "c", "--vocab-texts", "v", "--threshold", "5", "--out", "o"]):  # fmt: skip
+    for argv in (["data", "dedup-images", "--images", "d", "--threshold", "0.5", "--out", "o"],
+                 ["data", "dedup-text", "--input", "a.jsonl", "--out", "o"],
+                 ["data", "filter-text", "--input", "a.jsonl", "--out", "o"],
+                 ["data", "filter-clip", "--manifest", "m", "--model", "ViT-B-32", "--threshold", "0.2", "--out", "o"],
+                 ["data", "resample", "--captions", "c", "--vocab-texts", "v", "--threshold", "5", "--out", "o"]):  # fmt: skip
         assert callable(ap.parse_args(argv).func)
     with pytest.raises(SystemExit):
         ap.parse_args(
-            ["dedup", "images", "--images", "d", "--manifest", "m", "--threshold", "1", "--out", "o"]
+            ["data", "dedup-images", "--images", "d", "--manifest", "m", "--threshold", "1", "--out", "o"]
         )
     with pytest.raises(SystemExit):
-        ap.parse_args(["dedup"])
+        ap.parse_args(["data"])
 
 
 def test_dedup_and_filter_text(tmp_path: Path, capsys) -> None:
@@ -57,8 +56,8 @@ def test_dedup_and_filter_text(tmp_path: Path, capsys) -> None:
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     assert (
         run(
-            "dedup",
-            "text",
+            "data",
+            "dedup-text",
             "--input",
             str(inp),
             "--out",
@@ -79,12 +78,12 @@ def test_dedup_and_filter_text(tmp_path: Path, capsys) -> None:
 
     dirty = tmp_path / "dirty.txt"
     dirty.write_text("owls\n")
-    assert run("filter", "text", "--input", *parts, "--out", str(tmp_path / "f"), "--dirty-words", str(dirty),
+    assert run("data", "filter-text", "--input", *parts, "--out", str(tmp_path / "f"), "--dirty-words", str(dirty),
                "--dup-ngram", "", "--no-progress", "--format", "parquet") == 0  # fmt: skip
     rep = json.loads((tmp_path / "f" / "report.json").read_text())
     assert rep["removed"]["heuristics"] == {"dirty_words": 1} and rep["output_records"] == 1
     with pytest.raises(SystemExit, match="reference"):
-        run("filter", "text", "--input", *parts, "--out", str(tmp_path / "g"), "--max-kl", "1")
+        run("data", "filter-text", "--input", *parts, "--out", str(tmp_path / "g"), "--max-kl", "1")
 
 
 def test_resample_command(tmp_path: Path, capsys) -> None:
@@ -94,7 +93,7 @@ def test_resample_command(tmp_path: Path, capsys) -> None:
     )
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("red car\nowl\n")
-    assert main(["resample", "--captions", str(caps), "--vocab-texts", str(vocab), "--threshold", "20",
+    assert main(["data", "resample", "--captions", str(caps), "--vocab-texts", str(vocab), "--threshold", "20",
                  "--out", str(tmp_path / "r"), "--max-n", "2"]) == 0  # fmt: skip
     rep = json.loads(capsys.readouterr().out)
     # 'owl' (10 captions) is rare: always kept; 'red'/'car'/'red car' (50 each): P = 1-(1-√(20/50))³.

@@ -1,15 +1,14 @@
 """Ghost Attention data (Llama 2 §3.3): the instruction in every user turn for sampling, in the first only
 for training, and no loss on any token of the earlier turns."""
 
-import argparse
 import json
 
 import pytest
 import torch
 
+from herd.commands import build_parser
 from herd.data.curation.ghost_attention import (
     SkipDialog,
-    add_parser,
     build_gatt_dataset,
     sampling_dialog,
     training_dialog,
@@ -135,10 +134,8 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def run_cli(root, out, seed):
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    args = parser.parse_args([
-        "gatt", "--model", str(root / "ckpt"), "--dialogs", str(root / "dialogs.jsonl"), "--instructions",
+    args = build_parser().parse_args([
+        "post", "gatt", "--model", str(root / "ckpt"), "--dialogs", str(root / "dialogs.jsonl"), "--instructions",
         str(root / "instructions.txt"), "--out", str(out), "--max-new-tokens", "6", "--temperature", "1.0",
         "--seed", str(seed),
     ])  # fmt: skip

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 from PIL import Image
 from synthetic_inputs import thumb_descriptor
 
-from herd.data.cli import add_parsers
+from herd.commands import build_parser
 from herd.data.curation.image_dedup import choose_keep, dedup_embeddings, group_members, similarity_histogram
 from herd.data.curation.image_sources import open_image_ref
 from herd.data.curation.near_dup_search import SearchConfig, same_partition
@@ -21,9 +20,7 @@ pytest.importorskip("faiss")
 
 
 def run_cli(*argv: str) -> int:
-    ap = argparse.ArgumentParser(prog="herd")
-    add_parsers(ap.add_subparsers(dest="command", required=True))
-    args = ap.parse_args(list(argv))
+    args = build_parser().parse_args(list(argv))
     return args.func(args)
 
 
@@ -83,7 +80,7 @@ def test_planted_image_duplicates_with_brought_descriptors(planted_image_set, tm
     np.save(tmp_path / "emb.npy", emb)
     out = tmp_path / "out"
     rc = run_cli(
-        "dedup", "images", "--manifest", str(manifest), "--embeddings", str(tmp_path / "emb.npy"),
+        "data", "dedup-images", "--manifest", str(manifest), "--embeddings", str(tmp_path / "emb.npy"),
         "--threshold", "0.8", "--out", str(out), "--n-clusters", "3",
     )  # fmt: skip
     assert rc == 0
@@ -107,7 +104,7 @@ def test_planted_image_duplicates_with_brought_descriptors(planted_image_set, tm
 
     np.save(tmp_path / "short.npy", emb[:-1])
     with pytest.raises(ValueError, match="valid records"):
-        run_cli("dedup", "images", "--manifest", str(manifest), "--embeddings", str(tmp_path / "short.npy"),
+        run_cli("data", "dedup-images", "--manifest", str(manifest), "--embeddings", str(tmp_path / "short.npy"),
                 "--threshold", "0.8", "--out", str(out))  # fmt: skip
 
 
@@ -116,7 +113,7 @@ def test_random_sscd_end_to_end_and_resume(planted_image_set, tmp_path: Path) ->
     manifest, rows, _ = planted_image_set
     out = tmp_path / "out"
     argv = (
-        "dedup", "images", "--manifest", str(manifest), "--random-init", "--threshold", "0.999",
+        "data", "dedup-images", "--manifest", str(manifest), "--random-init", "--threshold", "0.999",
         "--out", str(out), "--image-size", "64", "--batch-size", "8", "--shard-size", "16", "--no-progress",
     )  # fmt: skip
     with pytest.warns(UserWarning, match="random weights"):
@@ -132,4 +129,4 @@ def test_random_sscd_end_to_end_and_resume(planted_image_set, tmp_path: Path) ->
     assert rep2["embed"]["computed_shards"] == 0 and rep2["embed"]["skipped_shards"] == 3
     assert rep2["pairs"] == rep["pairs"]
     with pytest.raises(SystemExit, match="--weights"):
-        run_cli("dedup", "images", "--manifest", str(manifest), "--threshold", "0.9", "--out", str(out))
+        run_cli("data", "dedup-images", "--manifest", str(manifest), "--threshold", "0.9", "--out", str(out))

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from herd.cli import main as tokenize_main
 from herd.data.records import SkipCounter
-from herd.data.tokenize_cli import main as tokenize_main
 from herd.data.training.packed_text import PackedBatches, tokenize_documents
 from herd.data.training.token_shards import (
     MANIFEST,

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from herd.average import average_checkpoints, main, normalized_weights
+from herd.average import average_checkpoints, normalized_weights
+from herd.cli import main
 from herd.text import build_llama, get_preset
 from herd.text.checkpoint_meta import CheckpointError, save_meta_checkpoint
 from herd.text.loading import load_checkpoint, load_pretrained, model_from_state_dict, save_text_model
@@ -121,7 +122,9 @@ def test_bad_weights_are_rejected():
 
 def test_cli_writes_a_checkpoint_load_pretrained_reads(checkpoints, tokenizer, tmp_path, capsys):
     out = tmp_path / "avg"
-    assert main(["average", *map(str, checkpoints), "--out", str(out), "--weights", "1", "1", "2"]) == 0
+    assert (
+        main(["post", "average", *map(str, checkpoints), "--out", str(out), "--weights", "1", "1", "2"]) == 0
+    )
     assert "herd average" in capsys.readouterr().out
     model, tok = load_pretrained(out)
     assert isinstance(tok, SubsetTokenizer) and tok.keep_ids == tokenizer.keep_ids
@@ -132,7 +135,7 @@ def test_cli_writes_a_checkpoint_load_pretrained_reads(checkpoints, tokenizer, t
         diff = (model(tokens) - want(tokens)).abs().max().item()
     assert diff < 1e-5, diff
     with pytest.raises(SystemExit, match="one of the inputs"):
-        main(["average", str(checkpoints[0]), str(out), "--out", str(out)])
+        main(["post", "average", str(checkpoints[0]), str(out), "--out", str(out)])
 
 
 def test_reward_model_exports_average_with_their_score_head(tmp_path, tokenizer, checkpoints):
@@ -146,7 +149,7 @@ def test_reward_model_exports_average_with_their_score_head(tmp_path, tokenizer,
         save_reward_model(rm, tokenizer, tmp_path / f"rm{seed}")
         models.append(rm)
     out = tmp_path / "rm-avg"
-    assert main(["average", str(tmp_path / "rm5"), str(tmp_path / "rm6"), "--out", str(out)]) == 0
+    assert main(["post", "average", str(tmp_path / "rm5"), str(tmp_path / "rm6"), "--out", str(out)]) == 0
     loaded, tok = load_reward_model(out)
     assert tok.keep_ids == tokenizer.keep_ids
     want = RewardModel(tiny_args())

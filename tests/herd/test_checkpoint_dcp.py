@@ -21,8 +21,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from herd.checkpoint import Checkpointer, list_checkpoints, load_dcp_model, read_checkpoint_meta
+from herd.cli import main as convert_main
 from herd.config import CheckpointConfig, OptimizerConfig, ScheduleConfig
-from herd.convert_cli import main as convert_main
 from herd.data.training.packed_text import PackedBatches, TokenStream
 from herd.optim import build_optimizer, build_scheduler
 from herd.parallel.launch import spawn_ranks

@@ -7,7 +7,6 @@ that is still alive at its end (a dispatch mode with a weakref per storage), whi
 activation checkpointing keeps outside autograd. The same mode gives the true peak of the step.
 """
 
-import argparse
 import json
 import weakref
 from contextlib import nullcontext
@@ -20,7 +19,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
+from herd.commands import build_parser
 from herd.config import ParallelConfig
+from herd.job_plan import parse_count, parse_size
 from herd.parallel.activation_checkpoint import apply_activation_checkpointing
 from herd.parallel.pipeline import split_layers
 from herd.planner import (
@@ -34,7 +35,6 @@ from herd.planner import (
     microbatches_per_step,
     project_throughput,
 )
-from herd.planner_cli import add_parser, parse_count, parse_size
 from herd.plans.llama import LLAMA_PLAN
 from herd.text.args import ModelArgs, get_preset
 
@@ -335,9 +335,7 @@ def test_layout_from_parallel_config():
 
 # --- CLI -----------------------------------------------------------------------------------------
 def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -1,16 +1,16 @@
 """Rejection sampling: the shared-prefix sampler equals `generate` token for token and its logits equal
-recomputation; the best-of-K selection, the reward-model scorer, the prompts reader and `herd sample`."""
+recomputation; the best-of-K selection, the reward-model scorer, the prompts reader and `herd post sample`."""
 
 import json
 
 import pytest
 import torch
 
+from herd.cli import main
 from herd.data.records import SkipCounter
 from herd.data.training.dialogs import parse_dialog
 from herd.sample import (
     RewardModelScorer,
-    main,
     read_prompts,
     rejection_sample,
     sample_recompute,
@@ -201,7 +201,7 @@ def test_cli_end_to_end(chat_setup, capsys):
         json.dumps({"prompt": WORDS * 5}),  # prompt + new tokens exceed the policy's 128 positions
     ]) + "\n")  # fmt: skip
     out = root / "out" / "best.jsonl"
-    argv = ["sample", "--policy", str(root / "policy"), "--reward-model", str(root / "rm"), "--prompts",
+    argv = ["post", "sample", "--policy", str(root / "policy"), "--reward-model", str(root / "rm"), "--prompts",
             str(prompts), "--out", str(out), "--k", "5", "--max-new-tokens", "10", "--seed", "3"]  # fmt: skip
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)

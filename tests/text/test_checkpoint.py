@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from herd.convert_cli import main as convert_main
+from herd.cli import main as convert_main
 from herd.text.args import ModelArgs, RopeScaling
 from herd.text.checkpoint_hf import load_hf_checkpoint, permute_from_hf, permute_to_hf
 from herd.text.checkpoint_meta import load_meta_checkpoint, save_meta_checkpoint

@@ -1,43 +1,99 @@
-"""`herd dedup images|text`, `herd filter text|clip`, `herd resample` — data preparation commands.
+"""`herd data ...`: data preparation (paper §3.1, §7.1); every command prints a JSON summary or one line.
 
-`add_parsers(subparsers)` registers them on the top-level `herd` parser; every leaf sets
-`func(args) -> int` (0 on success; a JSON summary is printed). Heavy libraries (torch, faiss,
-open_clip, datasketch, pyarrow) are imported inside the commands, with an install hint if missing.
+    herd data tokenize --source jsonl --input 'corpus/*.jsonl.gz' --out shards/web
+    herd data dedup-images --manifest pairs.jsonl --weights sscd.torchscript.pt --threshold 0.75 --out d
+    herd data dedup-text --input crawl/*.jsonl.gz --out runs/dedup_text
+    herd data filter-text --input runs/dedup_text/part-*.jsonl --out runs/filtered --dirty-words words.txt
+    herd data filter-clip --manifest pairs.jsonl --model ViT-B-32 --pretrained vit.pt --threshold 0.2 --out c
+    herd data resample --captions pairs.jsonl --vocab-texts titles.txt --threshold 20000 --out runs/rs
+
+Library functions: `herd.data.training.text_sources.tokenize_corpus`, and in `herd.data.curation`:
+`image_dedup.dedup_images`, `text_dedup.dedup_text`, `text_filters.filter_text`, `clip_filter.filter_clip`,
+`ngram_resample.resample_jsonl`. Heavy libraries (torch, faiss, open_clip, datasketch, pyarrow) are
+imported inside the commands, after a check that says which extra to install.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-_EXTRA_HINT = "pip install 'herd[data]'"
+from herd.commands import add_command, add_group
+from herd.commands.common import UsageError, print_summary, require
+
+TEXT_SUMMARY = ("input_records", "output_records", "bad_records", "removed")
 
 
-def _require(*modules: str, hint: str = _EXTRA_HINT) -> None:
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise SystemExit(f"this command needs {', '.join(missing)}: {hint}")
+# --------------------------------------------------------------------------------------------- tokenize
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    """`tokenize_corpus`, then a summary on stderr (stdout stays free for pipes)."""
+    from rich.console import Console
 
+    from herd.data.training.text_sources import tokenize_corpus
+    from herd.data.training.token_shards import MANIFEST
 
-def _summary(report: dict[str, Any], keys: tuple[str, ...]) -> int:
-    print(json.dumps({k: report.get(k) for k in keys}, indent=2, default=str))
+    m = tokenize_corpus(
+        source=args.source, inputs=args.input, out=args.out, tokenizer=args.tokenizer,
+        text_field=args.text_field, shard_tokens=args.shard_tokens, dtype=args.dtype, workers=args.workers,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )  # fmt: skip
+    before = m["resumed_tokens"]
+    resumed = f" (resumed: {before:,} tokens were already done)" if before else ""
+    console = Console(stderr=True)
+    console.print(
+        f"{m['num_docs']:,} docs, {m['num_tokens']:,} tokens ({m['dtype']}) in {len(m['shards'])} shard(s) "
+        f"→ {Path(args.out) / MANIFEST}{resumed}\nskipped records: {m['skipped_records']:,}; "
+        f"{m['seconds']:.1f} s, {(m['num_tokens'] - before) / max(m['seconds'], 1e-9):,.0f} tokens/s",
+        highlight=False,
+        soft_wrap=True,  # one line per fact, even on a narrow or non-terminal stderr
+    )
+    if m["skipped_records"] and m["skipped_examples"]:
+        console.print(f"[yellow]e.g. {m['skipped_examples'][0]}", highlight=False, soft_wrap=True)
     return 0
 
 
-# ------------------------------------------------------------------------------------ dedup images
+def _add_tokenize(group: Any) -> None:
+    from herd.data.training.text_sources import SOURCES
+
+    p = add_command(
+        group,
+        "tokenize",
+        cmd_tokenize,
+        help="tokenise jsonl / parquet / text files into memory-mapped token shards (resumable)",
+        description="Tokenise jsonl / parquet / plain-text corpora into pre-tokenised memmap shards that "
+        'training reads with data.source = "tokens"; rerunning after a kill resumes after the last '
+        "complete shard (docs/data_pipeline.md).",
+    )
+    p.add_argument("--source", choices=SOURCES, required=True, help="input format")
+    p.add_argument(
+        "--input", nargs="+", action="extend", required=True, metavar="PATH",
+        help="files, folders or quoted glob patterns (repeatable); .gz / .zst are decompressed",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, help="output shard directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model or checkpoint dir (default: Llama 3)")
+    p.add_argument("--text-field", default="text", help="jsonl key / parquet column holding the text")
+    p.add_argument("--shard-tokens", type=int, default=None, help="target tokens per shard (default 2^27)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"], help="token storage type")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    p.add_argument("--overwrite", action="store_true", help="discard existing shards in --out")
+    p.add_argument("--no-progress", action="store_true", help="no live progress line")
 
 
+# ----------------------------------------------------------------------------------------- dedup-images
 def cmd_dedup_images(args: argparse.Namespace) -> int:
-    _require("faiss", "scipy")
+    """`herd.data.curation.image_dedup.dedup_images` with SSCD embedding (or given descriptors)."""
+    require("faiss", "scipy")
     from herd.data.curation.embed import EmbedConfig, default_device, dist_env
     from herd.data.curation.image_dedup import dedup_images
     from herd.data.curation.image_sources import make_source
     from herd.data.curation.near_dup_search import SearchConfig
 
+    if args.embeddings is None and args.weights is None and not args.random_init:
+        raise UsageError(
+            "give --weights (e.g. sscd_disc_mixup.torchscript.pt), --embeddings, or --random-init"
+        )
     rank, world = dist_env()
     source = make_source(args.images, args.manifest, args.shards, shard_size=args.shard_size)
     search = SearchConfig(
@@ -47,10 +103,6 @@ def cmd_dedup_images(args: argparse.Namespace) -> int:
     )  # fmt: skip
     model, embed_cfg = None, None
     if args.embeddings is None:
-        if args.weights is None and not args.random_init:
-            raise SystemExit(
-                "give --weights (e.g. sscd_disc_mixup.torchscript.pt), --embeddings, or --random-init"
-            )
         from herd.data.curation.sscd import load_sscd
 
         device = args.device or default_device()
@@ -68,11 +120,16 @@ def cmd_dedup_images(args: argparse.Namespace) -> int:
     if report is None:  # rank > 0: embedding done, rank 0 searches
         print(json.dumps({"rank": rank, "world": world, "embedded": True}))
         return 0
-    return _summary(report, ("records", "pairs", "groups", "removed", "kept", "largest_groups", "embed"))
+    return print_summary(report, ("records", "pairs", "groups", "removed", "kept", "largest_groups", "embed"))
 
 
-def _add_dedup_images(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("images", help="near-duplicate image removal (SSCD descriptors + faiss)")
+def _add_dedup_images(group: Any) -> None:
+    p = add_command(
+        group,
+        "dedup-images",
+        cmd_dedup_images,
+        help="near-duplicate image removal (SSCD descriptors + faiss)",
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="DIR", help="folder of images (recursive, sorted)")
     src.add_argument("--manifest", metavar="FILE.jsonl", help='lines {"id": …, "image": path, …}')
@@ -110,14 +167,12 @@ def _add_dedup_images(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--contact-groups", type=int, default=8)
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_dedup_images)
 
 
-# -------------------------------------------------------------------------------------- dedup text
-
-
+# ------------------------------------------------------------------------------- dedup-text, filter-text
 def cmd_dedup_text(args: argparse.Namespace) -> int:
-    _require("datasketch")
+    """`herd.data.curation.text_dedup.dedup_text`: URL, MinHash-LSH and line dedup."""
+    require("datasketch")
     from herd.data.curation.text_dedup import TextDedupConfig, dedup_text
 
     cfg = TextDedupConfig(
@@ -127,11 +182,46 @@ def cmd_dedup_text(args: argparse.Namespace) -> int:
         line_bucket=args.line_bucket, line_max_repeats=args.line_max_repeats, chunk_size=args.chunk_size,
         out_format=args.format, write_rejects=not args.no_rejects, progress=not args.no_progress,
     )  # fmt: skip
-    report = dedup_text(args.input, args.out, cfg)
-    return _summary(report, ("input_records", "output_records", "bad_records", "removed"))
+    return print_summary(dedup_text(args.input, args.out, cfg), TEXT_SUMMARY)
 
 
-def _add_io(p: argparse.ArgumentParser) -> None:
+def _thresholds(text: str) -> dict[int, float]:
+    """`--dup-ngram` "5:0.15,6:0.14" → {5: 0.15, 6: 0.14}; '' disables the filter."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        n, _, v = part.partition(":")
+        try:
+            out[int(n)] = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected n:max_coverage pairs like 5:0.15, got {part!r}"
+            ) from None
+    return out
+
+
+def cmd_filter_text(args: argparse.Namespace) -> int:
+    """`herd.data.curation.text_filters.filter_text`: duplicated n-grams, dirty words, token KL."""
+    from herd.data.curation.text_filters import FilterConfig, ReferenceDistribution, filter_text
+
+    if args.max_kl is not None and args.reference_dist is None:
+        raise UsageError("--max-kl needs --reference-dist")
+    dirty: list[str] = []
+    if args.dirty_words:
+        lines = Path(args.dirty_words).read_text(encoding="utf-8").splitlines()
+        dirty = [ln.strip() for ln in lines if ln.strip()]
+    ref = None
+    if args.reference_dist:
+        ref = ReferenceDistribution.load(args.reference_dist, args.text_field, alpha=args.kl_alpha)
+    cfg = FilterConfig(
+        text_field=args.text_field, dup_ngram_thresholds=args.dup_ngram, dirty_words=dirty,
+        max_dirty_words=args.max_dirty_words, reference=ref, max_kl=args.max_kl, min_words=args.min_words,
+        chunk_size=args.chunk_size, out_format=args.format, write_rejects=not args.no_rejects,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    return print_summary(filter_text(args.input, args.out, cfg), TEXT_SUMMARY)
+
+
+def _add_text_io(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--input", nargs="+", required=True, metavar="FILE", help="jsonl(.gz) / parquet files, in order"
     )
@@ -143,9 +233,11 @@ def _add_io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _add_dedup_text(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("text", help="URL, MinHash-LSH and line-level dedup of a text corpus")
-    _add_io(p)
+def _add_text_commands(group: Any) -> None:
+    p = add_command(
+        group, "dedup-text", cmd_dedup_text, help="URL, MinHash-LSH and line-level dedup of a text corpus"
+    )
+    _add_text_io(p)
     p.add_argument("--url-field", default="url")
     p.add_argument("--timestamp-field", default="timestamp")
     p.add_argument("--stages", default="url,minhash,lines", help="comma list of url, minhash, lines")
@@ -155,50 +247,16 @@ def _add_dedup_text(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--line-bucket", type=int, default=30_000_000, help="documents per line-dedup bucket")
     p.add_argument("--line-max-repeats", type=int, default=6, help="drop lines seen more often per bucket")
-    p.set_defaults(func=cmd_dedup_text)
 
-
-# ------------------------------------------------------------------------------------- filter text
-
-
-def _parse_thresholds(s: str) -> dict[int, float]:
-    if not s.strip():
-        return {}
-    out = {}
-    for part in s.split(","):
-        n, _, v = part.partition(":")
-        out[int(n)] = float(v)
-    return out
-
-
-def cmd_filter_text(args: argparse.Namespace) -> int:
-    from herd.data.curation.text_filters import FilterConfig, ReferenceDistribution, filter_text
-
-    dirty: list[str] = []
-    if args.dirty_words:
-        dirty = [
-            ln.strip() for ln in Path(args.dirty_words).read_text(encoding="utf-8").splitlines() if ln.strip()
-        ]
-    ref = None
-    if args.reference_dist:
-        ref = ReferenceDistribution.load(args.reference_dist, args.text_field, alpha=args.kl_alpha)
-    if args.max_kl is not None and ref is None:
-        raise SystemExit("--max-kl needs --reference-dist")
-    cfg = FilterConfig(
-        text_field=args.text_field, dup_ngram_thresholds=_parse_thresholds(args.dup_ngram), dirty_words=dirty,
-        max_dirty_words=args.max_dirty_words, reference=ref, max_kl=args.max_kl, min_words=args.min_words,
-        chunk_size=args.chunk_size, out_format=args.format, write_rejects=not args.no_rejects,
-        progress=not args.no_progress,
-    )  # fmt: skip
-    report = filter_text(args.input, args.out, cfg)
-    return _summary(report, ("input_records", "output_records", "bad_records", "removed"))
-
-
-def _add_filter_text(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("text", help="heuristic filters: duplicated n-grams, dirty words, token KL")
-    _add_io(p)
+    p = add_command(
+        group,
+        "filter-text",
+        cmd_filter_text,
+        help="heuristic filters: duplicated n-grams, dirty words, token KL",
+    )
+    _add_text_io(p)
     p.add_argument(
-        "--dup-ngram", default="5:0.15,6:0.14,7:0.13,8:0.12,9:0.11,10:0.10",
+        "--dup-ngram", type=_thresholds, default="5:0.15,6:0.14,7:0.13,8:0.12,9:0.11,10:0.10",
         help="n:max_coverage list (Gopher defaults); '' disables",
     )  # fmt: skip
     p.add_argument("--dirty-words", metavar="FILE", help="one word or phrase per line")
@@ -209,20 +267,18 @@ def _add_filter_text(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--kl-alpha", type=float, default=1.0, help="add-α smoothing of the reference")
     p.add_argument("--min-words", type=int, default=1)
-    p.set_defaults(func=cmd_filter_text)
 
 
-# ------------------------------------------------------------------------------------- filter clip
-
-
+# ------------------------------------------------------------------------------ filter-clip, resample
 def cmd_filter_clip(args: argparse.Namespace) -> int:
-    _require("open_clip", hint="pip install 'herd[data]' open_clip_torch")
+    """`herd.data.curation.clip_filter.filter_clip` with a local open_clip model."""
+    require("open_clip", hint="pip install 'herd[data]' open_clip_torch")
     from herd.data.curation.clip_filter import filter_clip, load_clip
     from herd.data.curation.embed import default_device
     from herd.data.curation.image_sources import make_source
 
     if args.pretrained is None and not args.random_init:
-        raise SystemExit("give --pretrained PATH (local open_clip weights) or --random-init")
+        raise UsageError("give --pretrained PATH (local open_clip weights) or --random-init")
     device = args.device or default_device()
     model, preprocess, tokenizer = load_clip(
         args.model,
@@ -237,11 +293,27 @@ def cmd_filter_clip(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, decode_threads=args.decode_threads, device=device,
         progress=not args.no_progress,
     )  # fmt: skip
-    return _summary(report, ("pairs", "kept", "removed", "pairs_per_s"))
+    return print_summary(report, ("pairs", "kept", "removed", "pairs_per_s"))
 
 
-def _add_filter_clip(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("clip", help="drop image-text pairs with low CLIP score (open_clip)")
+def cmd_resample(args: argparse.Namespace) -> int:
+    """`herd.data.curation.ngram_resample.resample_jsonl` against a vocabulary of high-quality texts."""
+    from herd.data.curation.ngram_resample import build_vocabulary, read_vocabulary_texts, resample_jsonl
+
+    vocab = build_vocabulary(read_vocabulary_texts(args.vocab_texts), args.max_n, args.min_vocab_count)
+    report = resample_jsonl(
+        args.captions, args.out, vocab, args.threshold, max_n=args.max_n, text_field=args.text_field,
+        id_field=args.id_field, seed=args.seed, keep_unmatched=args.keep_unmatched,
+    )  # fmt: skip
+    return print_summary(
+        report, ("captions", "kept", "kept_fraction", "expected_kept_fraction", "bad_records")
+    )
+
+
+def _add_caption_commands(group: Any) -> None:
+    p = add_command(
+        group, "filter-clip", cmd_filter_clip, help="drop image-text pairs with low CLIP score (open_clip)"
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--manifest", metavar="FILE.jsonl", help='lines {"id", "image", "caption", …}')
     src.add_argument("--shards", metavar="GLOB", help="webdataset tar shards (image + txt/json)")
@@ -258,25 +330,10 @@ def _add_filter_clip(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-threads", type=int, default=4)
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_filter_clip)
 
-
-# ---------------------------------------------------------------------------------------- resample
-
-
-def cmd_resample(args: argparse.Namespace) -> int:
-    from herd.data.curation.ngram_resample import build_vocabulary, read_vocabulary_texts, resample_jsonl
-
-    vocab = build_vocabulary(read_vocabulary_texts(args.vocab_texts), args.max_n, args.min_vocab_count)
-    report = resample_jsonl(
-        args.captions, args.out, vocab, args.threshold, max_n=args.max_n, text_field=args.text_field,
-        id_field=args.id_field, seed=args.seed, keep_unmatched=args.keep_unmatched,
-    )  # fmt: skip
-    return _summary(report, ("captions", "kept", "kept_fraction", "expected_kept_fraction", "bad_records"))
-
-
-def _add_resample(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("resample", help="n-gram frequency resampling of image-text captions (§7.1)")
+    p = add_command(
+        group, "resample", cmd_resample, help="n-gram frequency resampling of image-text captions (§7.1)"
+    )
     p.add_argument("--captions", required=True, metavar="FILE.jsonl")
     p.add_argument(
         "--vocab-texts", required=True, metavar="FILE.txt", help="high-quality texts, one per line"
@@ -289,29 +346,10 @@ def _add_resample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--id-field", default="id")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-unmatched", action="store_true", help="keep captions with no vocabulary n-gram")
-    p.set_defaults(func=cmd_resample)
 
 
-def add_parsers(subparsers: argparse._SubParsersAction) -> None:
-    """Register `dedup`, `filter` and `resample` on the top-level subparsers of `herd`."""
-    dedup = subparsers.add_parser("dedup", help="image / text deduplication")
-    dsub = dedup.add_subparsers(dest="dedup_command", required=True, metavar="{images,text}")
-    _add_dedup_images(dsub)
-    _add_dedup_text(dsub)
-    filt = subparsers.add_parser("filter", help="text heuristics / CLIP-score filtering")
-    fsub = filt.add_subparsers(dest="filter_command", required=True, metavar="{text,clip}")
-    _add_filter_text(fsub)
-    _add_filter_clip(fsub)
-    _add_resample(subparsers)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m herd.data.cli …`) until the commands are wired into `herd`."""
-    ap = argparse.ArgumentParser(prog="herd")
-    add_parsers(ap.add_subparsers(dest="command", required=True))
-    args = ap.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def register(sub: Any) -> None:
+    """Add the `data` family to the top-level subparsers."""
+    group = add_group(sub, "data", "tokenize corpora; dedup and filter text and images; resample captions")
+    for add in (_add_tokenize, _add_dedup_images, _add_text_commands, _add_caption_commands):
+        add(group)

@@ -1,0 +1,107 @@
+"""Every `herd` subcommand, registered in one place; `herd.cli.main` runs them.
+
+    herd quickstart                        train a tiny text model and a vision adapter on CPU, end to end
+    herd train TASK --config PATH          the one training loop; TASK from herd.task.TASKS
+    herd generate | chat | ask             inference with a checkpoint
+    herd post sample|gatt|average|dpo-reference      post-training data and checkpoints
+    herd data tokenize|dedup-images|dedup-text|filter-text|filter-clip|resample   data preparation
+    herd convert | plan                    checkpoint layouts; memory/throughput of parallel layouts
+
+The scheme: a verb for a job that stands alone (`train`, `generate`, `convert`, ...), a group noun for a
+family of preparation steps (`post`, `data`) whose members are `verb` or `verb-object`. One module per
+family (`train`, `inference`, `post`, `data`, `models`) holds its parsers and one `cmd_*` per command;
+a `cmd_*` takes the parsed namespace, calls ONE library function with keyword arguments and prints its
+result. Library modules hold no argparse. The library imports happen inside the `cmd_*` functions, so
+building the parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from herd import __version__
+
+EPILOG = """commands by family:
+  train        quickstart, train TASK
+  inference    generate, chat, ask
+  post         post sample | gatt | average | dpo-reference
+  data         data tokenize | dedup-images | dedup-text | filter-text | filter-clip | resample
+  models       convert, plan
+
+Bad input ends with one line on stderr, `herd COMMAND: error: ...`, and exit status 2;
+HERD_DEBUG=1 shows the traceback instead."""
+
+
+class HerdParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line, like every other `herd` error.
+
+    argparse prints the whole usage first (a dozen lines for `herd data dedup-images`), which buries
+    the message; `--help` still shows it.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_command(
+    subparsers: Any,
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help: str,
+    description: str | None = None,
+    takes_overrides: bool = False,
+    **kwargs: Any,
+) -> argparse.ArgumentParser:
+    """Register one leaf command whose `func(args) -> exit status` runs it.
+
+    `takes_overrides`: extra `--section.key=value` arguments are collected into `args.overrides` (job
+    config overrides, `herd.config.load_config`) instead of being rejected.
+    """
+    p = subparsers.add_parser(name, help=help, description=description or help, **kwargs)
+    p.set_defaults(func=func, takes_overrides=takes_overrides, overrides=[], command_parser=p)
+    return p
+
+
+def add_group(subparsers: Any, name: str, help: str) -> Any:
+    """A command family (`herd data ...`); returns its subparsers for `add_command`."""
+    group = subparsers.add_parser(name, help=help, description=help)
+    return group.add_subparsers(dest=f"{name}_command", required=True, metavar="COMMAND")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `herd` parser with every command; each leaf sets `func`, `command_parser`, `overrides`."""
+    from herd.commands import data, inference, models, post, train
+
+    parser = HerdParser(
+        prog="herd",
+        description="The Llama 3 herd of models, rebuilt for researchers.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"herd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for family in (train, inference, post, data, models):
+        family.register(sub)
+    return parser
+
+
+def command_names(parser: argparse.ArgumentParser | None = None) -> list[str]:
+    """Every leaf command as typed after `herd`, e.g. "data tokenize" (for docs and tests)."""
+    parser = parser or build_parser()
+    found: list[str] = []
+
+    def walk(p: argparse.ArgumentParser, prefix: str) -> None:
+        actions = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions:
+            found.append(prefix.strip())
+            return
+        for name, child in actions[0].choices.items():
+            walk(child, f"{prefix} {name}")
+
+    walk(parser, "")
+    return found
+
+
+__all__ = ["EPILOG", "HerdParser", "add_command", "add_group", "build_parser", "command_names"]

@@ -1,0 +1,83 @@
+"""`herd quickstart` and `herd train TASK`: the jobs that run the one training loop.
+
+    herd quickstart --out runs/quickstart --train.steps=100
+    herd train text --config configs/text/tiny.toml --train.steps=50
+    torchrun --standalone --nproc_per_node 8 -m herd train sft --config configs/post/sft_tiny.toml
+
+Both take `--section.key=value` overrides of the job config (`herd.config.load_config`). The tasks
+`herd train` offers are the registry `herd.task.TASKS` (text, vision, sft, rm, dpo, ppo, and whatever
+`herd.task.register_task` added), so a new task never edits this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from herd.commands import add_command
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """`herd.quickstart.run_quickstart`: tiny text model, then a vision adapter on it, with a report."""
+    from herd.quickstart import run_quickstart
+
+    vision = [f"--train.steps={args.vision_steps}"] if args.vision_steps else []
+    run_quickstart(out=args.out, config=args.config, overrides=args.overrides, vision_overrides=vision)
+    return 0
+
+
+def train_and_export(task_name: str, config: str, overrides: list[str]) -> tuple[Any, str | None]:
+    """Build the task `task_name` from the job config, run the loop, export the model on rank 0.
+
+    Returns (the loop's result, the export folder on rank 0 else None). Every rank must call this:
+    gathering the full state dict is a collective.
+    """
+    from herd.config import load_config
+    from herd.parallel.launch import init_distributed
+    from herd.task import build_task
+    from herd.trainer import train
+
+    cfg = load_config(config, overrides)
+    rank, _, _ = init_distributed()
+    task = build_task(task_name, cfg)
+    result = train(cfg, task)
+    state = result.runtime.full_state_dict()  # collective: every rank takes part, rank 0 gets it
+    if rank != 0:
+        return result, None
+    return result, str(task.export(state, f"{cfg.train.run_dir}/model", cfg.checkpoint.export_format))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """`train_and_export`, then one line with the final loss and where the model went."""
+    result, out = train_and_export(task_name=args.task, config=args.config, overrides=args.overrides)
+    if out is not None:
+        print(f"final loss {result.final_loss:.4f}; model written to {out}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add `quickstart` and `train` to the top-level subparsers."""
+    from herd.task import TASKS
+
+    p = add_command(
+        sub,
+        "quickstart",
+        cmd_quickstart,
+        help="train a tiny model on CPU end to end and show what it learned",
+        takes_overrides=True,
+    )
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--config", default=None, help="default: configs/quickstart.toml")
+    p.add_argument("--vision-steps", type=int, default=None, help="default: configs/quickstart_vision.toml")
+
+    p = add_command(
+        sub,
+        "train",
+        cmd_train,
+        help="train with the one training loop; extra --section.key=value override the config",
+        description="Train TASK (the registry herd.task.TASKS) with the one training loop, on one "
+        "process or under torchrun; extra --section.key=value arguments override the config.",
+        takes_overrides=True,
+    )
+    p.add_argument("task", choices=list(TASKS), help="what to train: " + ", ".join(TASKS))
+    p.add_argument("--config", required=True, help="job TOML (configs/...)")
