@@ -83,6 +83,11 @@ class SkipCounter:
         return f"skipped {self.total} record(s) ({reasons}){example}"
 
 
+class NoUsableRecords(ValueError, RuntimeError):
+    """A dataset with nothing usable left after skipping: bad input (a ValueError, one line from the CLI),
+    raised at start-up or at the first batch rather than mid-run."""
+
+
 def split_key(name: str) -> tuple[str, str]:
     """webdataset convention: 'dir/abc.def.jpg' → key 'dir/abc', extension 'def.jpg'."""
     d, _, base = name.rpartition("/")

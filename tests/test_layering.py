@@ -6,8 +6,8 @@ dependency), and the layering rules of docs/architecture.md:
   model, data or command module: it applies a plan and names no model class;
 - herd.task (the contract) is a leaf; herd.losses needs only herd.data.records;
 - herd.plans imports models and herd.parallel, no task, trainer or data;
-- herd.data imports no training core (config, tasks, trainer, runtime, parallel, plans);
-- argparse lives in herd.commands (and the `herd.cli` entry point) only.
+- herd.data imports no training core (config, tasks, trainer, runtime, parallel, plans).
+(argparse lives in herd.commands only: tests/herd/test_commands.py.)
 """
 
 import ast
@@ -120,23 +120,3 @@ def test_layering_rule(subjects, forbidden, why):
     bad = [(m, sorted(d for d in GRAPH[m] if forbidden(d))) for m in sorted(GRAPH) if under(m, *subjects)]
     bad = [(m, deps) for m, deps in bad if deps]
     assert not bad, f"{why}: {bad}"
-
-
-def test_argparse_only_in_the_command_package():
-    users = sorted(
-        name
-        for name, path in MODULES.items()
-        if "argparse" in {n.split(".")[0] for n in _plain_imports(path)}
-        and not under(name, "herd.commands", "herd.cli")
-    )
-    assert users == [], f"library modules hold no argparse: {users}"
-
-
-def _plain_imports(path: Path) -> set[str]:
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            out.add(node.module)
-    return out

@@ -37,7 +37,15 @@ import numpy as np
 import torch.utils.data
 from PIL import Image, UnidentifiedImageError
 
-from herd.data.records import IMAGE_EXTS, SkipCounter, atomic_write, dumps, iter_jsonl, split_key
+from herd.data.records import (
+    IMAGE_EXTS,
+    NoUsableRecords,
+    SkipCounter,
+    atomic_write,
+    dumps,
+    iter_jsonl,
+    split_key,
+)
 from herd.vision.tiling import to_rgb
 
 TEXT_MEMBERS = {"txt": "text", "text": "text", "caption": "caption"}  # tar member extension → field
@@ -219,7 +227,7 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.skipped = skipped if skipped is not None else SkipCounter()
         if len(records) < world_size:
-            raise ValueError(
+            raise NoUsableRecords(
                 f"{len(records)} records cannot feed {world_size} data-parallel rank(s): nothing usable is "
                 f"left ({self.skipped.summary()})"
             )
@@ -280,7 +288,7 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
             index = int(mine[(round_ + k) % self.rounds])
             if index not in self._bad and (sample := self._load(index)) is not None:
                 return sample
-        raise ValueError(
+        raise NoUsableRecords(
             f"no readable image among the {self.rounds} records of data rank {self.rank}: nothing usable is "
             f"left ({self.skipped.summary()})"
         )

@@ -20,8 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from herd.commands import add_command, add_group
 from herd.commands.common import UsageError, print_summary, require
+from herd.commands.registry import add_command, add_group
 
 TEXT_SUMMARY = ("input_records", "output_records", "bad_records", "removed")
 

@@ -13,8 +13,8 @@ import argparse
 import sys
 from typing import Any
 
-from herd.commands import add_command
 from herd.commands.common import UsageError
+from herd.commands.registry import add_command
 
 
 def _sampling(args: argparse.Namespace) -> Any:

@@ -18,8 +18,8 @@ import argparse
 import json
 from typing import Any
 
-from herd.commands import add_command
 from herd.commands.common import UsageError, warn
+from herd.commands.registry import add_command
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from herd.commands import add_command, add_group
 from herd.commands.common import UsageError, warn
+from herd.commands.registry import add_command, add_group
 
 SAMPLE_SUMMARY = ("prompts", "skipped", "k", "out", "mean_best_reward", "mean_reward", "seconds")
 

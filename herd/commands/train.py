@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from herd.commands import add_command
+from herd.commands.registry import add_command
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -26,7 +26,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_and_export(task_name: str, config: str, overrides: list[str]) -> tuple[Any, str | None]:
+def train_and_export(task_name: str, config: str | None, overrides: list[str]) -> tuple[Any, str | None]:
     """Build the task `task_name` from the job config, run the loop, export the model on rank 0.
 
     Returns (the loop's result, the export folder on rank 0 else None). Every rank must call this:
@@ -80,4 +80,4 @@ def register(sub: Any) -> None:
         takes_overrides=True,
     )
     p.add_argument("task", choices=list(TASKS), help="what to train: " + ", ".join(TASKS))
-    p.add_argument("--config", required=True, help="job TOML (configs/...)")
+    p.add_argument("--config", default=None, help="job TOML (configs/...); default: herd.config's defaults")

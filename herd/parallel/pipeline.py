@@ -265,16 +265,15 @@ class PipelineRuntime:
         return out.loss_sum * self._loss_scale
 
     def _schedule_for(
-        self, args: tuple, kwargs: dict[str, Any], rows: int, n_microbatches: int, forward_only: bool
+        self, shapes: tuple, n_microbatches: int, forward_only: bool
     ) -> tuple[list[PipelineStage], Any]:
+        rows = shapes[0]
         if rows % n_microbatches:
             raise ValueError(
                 f"{n_microbatches} pipeline microbatches do not divide the local batch of {rows} "
                 "sequences; set parallel.pp_microbatches to a divisor of it"
             )
-        shapes = tuple((k, tuple(v.shape)) for k, v in sorted(kwargs.items()) if torch.is_tensor(v))
-        key = (tuple(tuple(a.shape) for a in args if torch.is_tensor(a)), shapes, rows, n_microbatches,
-               forward_only)  # fmt: skip
+        key = (shapes, n_microbatches, forward_only)
         new = key not in self._schedules
         if self.sync_group is not None:
             # torch's shape inference runs a forward of every stage when a schedule is built; under FSDP that
@@ -287,7 +286,8 @@ class PipelineRuntime:
             self._schedules[key] = self._build(n_microbatches, forward_only)
         return self._schedules[key]
 
-    def _inputs(self, batch: dict[str, Any]) -> tuple[tuple, dict[str, Any], torch.Tensor | None, int]:
+    def _inputs(self, batch: dict[str, Any]) -> tuple[tuple, dict[str, Any], torch.Tensor | None, tuple]:
+        """(this rank's positional args, kwargs, target rows, the batch's shape key)."""
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         self._batch = batch
         rows = batch_rows(batch)
@@ -296,10 +296,17 @@ class PipelineRuntime:
         positions = kwargs.get("positions")
         if positions is not None and positions.dim() == 1:  # shared by the rows: expand so it splits
             kwargs["positions"] = positions.expand(rows, -1)
+        # The shapes of *all* inputs key the schedules, on every stage alike: a later stage that keyed on its
+        # keyword inputs alone could keep a schedule its first stage rebuilds (a new length, same rows).
+        key = (
+            rows,
+            tuple(tuple(a.shape) for a in args if torch.is_tensor(a)),
+            tuple((k, tuple(v.shape)) for k, v in sorted(kwargs.items()) if torch.is_tensor(v)),
+        )
         # Positional args reach stage 0 only; kwargs reach every stage (split per microbatch).
         args = tuple(args) if self.has_first_stage else ()
         target = torch.arange(rows, device=self.device) if self.has_last_stage else None
-        return args, kwargs, target, rows
+        return args, kwargs, target, key
 
     def _collect(self, n_microbatches: int) -> tuple[torch.Tensor | None, dict[str, float]]:
         losses, self._mb_losses = self._mb_losses, []
@@ -316,8 +323,8 @@ class PipelineRuntime:
         of `sum of the task's loss × loss_scale` accumulate into the stage parameters. Returns the
         unscaled summed loss on ranks holding the last stage, else None (`last_extra`: the task's
         summed auxiliary metrics there)."""
-        args, kwargs, target, rows = self._inputs(batch)
-        _, schedule = self._schedule_for(args, kwargs, rows, self.n_microbatches, forward_only=False)
+        args, kwargs, target, key = self._inputs(batch)
+        _, schedule = self._schedule_for(key, self.n_microbatches, forward_only=False)
         self._loss_scale = loss_scale
         schedule.step(*args, target=target, return_outputs=False, **kwargs)
         loss, self.last_extra = self._collect(self.n_microbatches)
@@ -328,8 +335,8 @@ class PipelineRuntime:
         """Summed loss of the batch, forward only; None off the last stage. `n_microbatches` (default the
         training count) may be anything that divides the batch: ragged validation batches use fewer."""
         n_mb = n_microbatches or self.n_microbatches
-        args, kwargs, target, rows = self._inputs(batch)
-        stages, schedule = self._schedule_for(args, kwargs, rows, n_mb, forward_only=True)
+        args, kwargs, target, key = self._inputs(batch)
+        stages, schedule = self._schedule_for(key, n_mb, forward_only=True)
         self._loss_scale = 1.0
         # eval() forwards extra keywords to step(): return_outputs=False keeps no outputs around.
         schedule.eval(*args, target=target, return_outputs=False, **kwargs)
