@@ -270,3 +270,17 @@ def test_meta_reference_model_loads_herd_exports(tmp_path) -> None:
     with torch.no_grad():  # and the converted model is still transformers' model
         hf_diff = (hf_model(toks).logits - torch.load(tmp_path / "ffn_896.pt")).abs().max().item()
     assert hf_diff < 1e-5, f"Meta reference vs transformers: {hf_diff:.3e}"
+
+
+def test_tied_flag_with_a_different_head_is_an_error(tmp_path) -> None:
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=32, tie_embeddings=True)
+    save_meta_checkpoint(tmp_path, args, build_llama(args).state_dict())
+    shard = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    shard["output.weight"] = shard["output.weight"].clone() + 1.0
+    torch.save(shard, tmp_path / "consolidated.00.pth")
+    with pytest.raises(
+        CheckpointError, match="herd_params.json says tie_embeddings but output.weight differs"
+    ):
+        load_model(tmp_path)
+    (tmp_path / "herd_params.json").unlink()  # without the flag: a separate head, read as untied
+    assert not load_model(tmp_path).args.tie_embeddings
