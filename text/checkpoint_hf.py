@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from herd.text.args import ModelArgs, RopeScaling
+from herd.text.args import PUBLISHED_FFN_RULES, ModelArgs, RopeScaling
 from herd.text.checkpoint_meta import (
     CheckpointError,
     CheckpointFileMissing,
@@ -54,16 +54,6 @@ _HF_TO_META_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
 _HF_TO_META_TOP = {v: k for k, v in _TOP_NAMES.items()}
 # Old transformers saved the RoPE inverse frequencies; derived state, never loaded.
 _DERIVED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
-# (multiple_of, ffn_dim_multiplier) of Meta's published models, tried in order to recover Meta's
-# FFN parameters from `intermediate_size` so that a converted params.json reads like Meta's.
-_FFN_RULES: tuple[tuple[int, float | None], ...] = (
-    (256, None),
-    (1024, 1.3),
-    (4096, 1.3),
-    (4096, 1.2),
-    (256, 1.5),
-    (256, 1.0),
-)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -106,7 +96,9 @@ def _heads_of(meta_name: str, args: ModelArgs) -> int | None:
 
 # --- config.json ⇄ ModelArgs ------------------------------------------------------------------------
 def _ffn_fields(dim: int, heads: int, intermediate: int) -> dict[str, Any]:
-    for multiple_of, mult in _FFN_RULES:
+    """A published (multiple_of, multiplier) pair when one gives the width, else the width itself;
+    `ModelArgs.to_meta_params` then derives a pair for Meta's formula when writing params.json."""
+    for multiple_of, mult in PUBLISHED_FFN_RULES:
         probe = ModelArgs(dim=dim, n_heads=heads, multiple_of=multiple_of, ffn_dim_multiplier=mult)
         if probe.ffn_hidden_dim == intermediate:
             return {"multiple_of": multiple_of, "ffn_dim_multiplier": mult}

@@ -7,11 +7,18 @@ dim (ParallelEmbedding, Llama 1/2) or the vocabulary (VocabParallelEmbedding, Ll
 read off the shard shapes. When there are more ranks than KV heads (405B at MP16) each KV head is
 stored on several consecutive ranks; merging keeps one copy.
 
+params.json holds only the keys Meta's files use, so llama-models' own loader reads it
+(`ModelArgs(max_seq_len=..., max_batch_size=..., **params)`); what those keys cannot say (the context
+length, the tie flag, a non-default RoPE scaling table) goes into `herd_params.json` beside it. A tied
+model (Llama 3.2 1B/3B) is written with `output.weight` as a copy of the embedding, as Meta's own files
+are, because Meta's `Transformer` always has an output layer.
+
 Also home of the helpers shared with the Hugging Face reader (`CheckpointError`, `expected_shapes`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -21,9 +28,15 @@ from typing import Any, Literal
 
 import torch
 
-from herd.text.args import ModelArgs
+from herd.text.args import ModelArgs, RopeScaling
 
 PARAMS_FILE = "params.json"
+HERD_PARAMS_FILE = "herd_params.json"  # herd's additions to params.json; Meta's tools never read it
+_HERD_PARAM_TYPES: dict[str, tuple[type, ...]] = {
+    "max_seq_len": (int,),
+    "tie_embeddings": (bool,),
+    "rope_scaling": (dict,),
+}
 _SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 # Derived buffers that some Meta checkpoints carry (Llama 1/2 store `rope.freqs`); recomputed, never loaded.
 _DERIVED_KEYS = frozenset({"rope.freqs"})
@@ -150,20 +163,57 @@ def read_params(path: str | PathLike) -> dict[str, Any]:
     return read_json_file(Path(path) / PARAMS_FILE, "a Meta checkpoint")
 
 
-def args_from_params(
-    params: Mapping[str, Any], vocab_size: int | None = None, has_output: bool | None = None
-) -> ModelArgs:
-    """ModelArgs of a params.json; `vocab_size` fills Llama 1/2's `-1` (read off the tensors).
+def read_herd_params(path: str | PathLike) -> dict[str, Any]:
+    """`herd_params.json` of a Meta checkpoint ({} when absent: Meta's own files, older herd exports)."""
+    file = Path(path) / HERD_PARAMS_FILE
+    if not file.is_file():
+        return {}
+    data = read_json_file(file, "a Meta checkpoint")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    for key, value in data.items():
+        types = _HERD_PARAM_TYPES.get(key)
+        if types is None:
+            raise CheckpointError(f"{file}: unknown key {key!r} (known: {', '.join(_HERD_PARAM_TYPES)})")
+        if not isinstance(value, types) or (types == (int,) and isinstance(value, bool)):
+            raise CheckpointError(f"{file}: {key} must be {types[0].__name__}, got {value!r}")
+    if data.get("max_seq_len", 1) < 1:
+        raise CheckpointError(f"{file}: max_seq_len must be positive, got {data['max_seq_len']}")
+    if "rope_scaling" in data:
+        fields = {f.name for f in dataclasses.fields(RopeScaling)}
+        if set(data["rope_scaling"]) != fields:
+            raise CheckpointError(f"{file}: rope_scaling needs exactly the keys {', '.join(sorted(fields))}")
+    return data
 
-    `has_output`: whether the shards hold output.weight; params.json has no tie flag, so a
-    checkpoint without a head is read as tied (Llama 3.2 1B/3B).
+
+def _tie_flag(params: Mapping[str, Any]) -> bool | None:
+    """The explicit tie flag of merged params.json + herd_params.json, or None (Meta's files carry none)."""
+    for key in ("tie_embeddings", "tie_word_embeddings"):
+        if key in params:
+            return bool(params[key])
+    return None
+
+
+def args_from_params(
+    params: Mapping[str, Any],
+    vocab_size: int | None = None,
+    has_output: bool | None = None,
+    herd_params: Mapping[str, Any] | None = None,
+) -> ModelArgs:
+    """ModelArgs of a params.json (+ herd_params.json); `vocab_size` fills Llama 1/2's `-1` (read off the
+    tensors).
+
+    `has_output`: whether the shards hold output.weight. Without an explicit tie flag a checkpoint without a
+    head is read as tied; one with a head as untied here (`load_meta_checkpoint` then ties it when the head
+    is a copy of the embedding, as in Meta's Llama 3.2 files).
     """
+    merged = {**params, **(herd_params or {})}
     overrides: dict[str, Any] = {}
-    if vocab_size is not None and params.get("vocab_size", -1) == -1:
+    if vocab_size is not None and merged.get("vocab_size", -1) == -1:
         overrides["vocab_size"] = vocab_size
-    if has_output is not None and not {"tie_embeddings", "tie_word_embeddings"} & params.keys():
+    if has_output is not None and _tie_flag(merged) is None:
         overrides["tie_embeddings"] = not has_output
-    return ModelArgs.from_meta_params(dict(params), **overrides)
+    return ModelArgs.from_meta_params(merged, **overrides)
 
 
 def _load_shard(file: Path) -> dict[str, torch.Tensor]:
@@ -258,18 +308,32 @@ def _merge(
 def load_meta_checkpoint(
     path: str | PathLike, dtype: torch.dtype | None = None
 ) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """Read params.json and every consolidated.NN.pth; returns the args and the merged state dict."""
+    """Read params.json (+ herd_params.json) and every consolidated.NN.pth; returns the args and the merged
+    state dict."""
     root = Path(path)
-    params = read_params(root)
+    params, extra = read_params(root), read_herd_params(root)
     files = find_shards(root)
     shards = [_load_shard(f) for f in files]
     vocab = _infer_vocab(shards[0], params, len(files))
-    args = args_from_params(params, vocab, has_output="output.weight" in shards[0])
+    has_output = "output.weight" in shards[0]
+    args = args_from_params(params, vocab, has_output=has_output, herd_params=extra)
+    tie = _tie_flag({**params, **extra})
+    if has_output and args.tie_embeddings:  # a tied model written with Meta's copy of the head
+        args = dataclasses.replace(args, tie_embeddings=False)
     full = expected_shapes(args)
     splits = {_check_shard(f, sd, args, len(files), full) for f, sd in zip(files, shards)}
     if len(splits) > 1:
         raise CheckpointError(f"{root}: shards disagree on how tok_embeddings.weight is split")
     sd = _merge(shards, args, splits.pop(), files)
+    if has_output and tie is not False:
+        if torch.equal(sd["output.weight"], sd["tok_embeddings.weight"]):
+            del sd["output.weight"]
+            args = dataclasses.replace(args, tie_embeddings=True)
+        elif tie:
+            raise CheckpointError(
+                f"{root}: {HERD_PARAMS_FILE} says tie_embeddings but output.weight differs from "
+                "tok_embeddings.weight"
+            )
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     return args, sd
@@ -316,7 +380,8 @@ def save_meta_checkpoint(
     embedding_split: EmbeddingSplit = "vocab",
     overwrite: bool = False,
 ) -> list[Path]:
-    """Write params.json and `num_shards` consolidated.NN.pth files; returns the files written."""
+    """Write params.json, herd_params.json and `num_shards` consolidated.NN.pth files; returns the files
+    written."""
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     existing = [f for f in root.iterdir() if _SHARD_RE.match(f.name)]
@@ -326,7 +391,13 @@ def save_meta_checkpoint(
     for f in existing:  # a stale consolidated.03.pth would be read as a fourth rank
         f.unlink()
     (root / PARAMS_FILE).write_text(json.dumps(args.to_meta_params(), indent=2) + "\n")
-    written = [root / PARAMS_FILE]
+    (root / HERD_PARAMS_FILE).write_text(json.dumps(args.to_herd_params(), indent=2) + "\n")
+    written = [root / PARAMS_FILE, root / HERD_PARAMS_FILE]
+    if args.tie_embeddings:
+        # Meta's Transformer always has `output`; its tied releases store the embedding there again. One
+        # shard saves the same tensor under both names, which torch.save stores once.
+        state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
+        args = dataclasses.replace(args, tie_embeddings=False)
     for rank, shard in enumerate(split_state_dict(state_dict, args, num_shards, embedding_split)):
         file = root / shard_file(rank)
         torch.save({k: _owned(v if dtype is None else v.to(dtype)) for k, v in shard.items()}, file)
@@ -337,12 +408,14 @@ def save_meta_checkpoint(
 __all__ = [
     "CheckpointError",
     "CheckpointFileMissing",
+    "HERD_PARAMS_FILE",
     "PARAMS_FILE",
     "args_from_params",
     "check_keys",
     "expected_shapes",
     "find_shards",
     "load_meta_checkpoint",
+    "read_herd_params",
     "read_params",
     "save_meta_checkpoint",
     "shard_file",

@@ -39,6 +39,8 @@ from herd.text.model import Llama
 
 CheckpointFormat = Literal["meta", "hf", "dcp"]
 DCP_METADATA = ".metadata"
+# herd.text.tokenizer.SUBSET_FILE, spelled out: importing the tokenizer module would load tiktoken eagerly.
+SUBSET_FILE = "vocab_subset.json"
 # Files that travel with the weights on conversion; the tokenizer loader finds them in either layout.
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -165,26 +167,41 @@ def save_text_model(
     out_dir: str | PathLike,
     fmt: Literal["meta", "hf", "none"] = "meta",
 ) -> Path | None:
-    """Write a model where `load_pretrained` reads it, with the tokenizer it was trained with: weights in
-    Meta or Hugging Face layout, `tokenizer.model`, and `vocab_subset.json` for a trimmed vocabulary.
-    `fmt` "none" writes nothing (returns None)."""
+    """Write a model where `load_pretrained` reads it, with the tokenizer it was trained with.
+
+    "meta": params.json + herd_params.json + consolidated.00.pth, `tokenizer.model`, and
+    `vocab_subset.json` for a trimmed vocabulary. "hf": config.json (with bos/eos ids) + safetensors,
+    `tokenizer.model`, and for the Llama 3 tokenizer the files transformers and serving stacks read
+    (tokenizer.json, tokenizer_config.json with the chat template, special_tokens_map.json,
+    generation_config.json). A trimmed vocabulary cannot be written as "hf" (`refuse_subset_vocabulary`
+    says why); that is checked before anything is written. "none" writes nothing (returns None).
+    """
     if fmt == "none":
         return None
     out = Path(out_dir)
+    from herd.text.tokenizer import Tokenizer
+    from herd.text.vocab_subset import SubsetTokenizer
+
     if fmt == "meta":
         save_meta_checkpoint(out, args, state_dict, overwrite=True)
     elif fmt == "hf":
-        save_hf_checkpoint(out, args, state_dict, overwrite=True)
+        from herd.text.hf_tokenizer import hf_token_ids, refuse_subset_vocabulary
+
+        refuse_subset_vocabulary(tokenizer, out)
+        extra = hf_token_ids(tokenizer) if tokenizer is not None else {}
+        save_hf_checkpoint(out, args, state_dict, extra_config=extra, overwrite=True)
     else:
         raise ValueError(f"checkpoint.export_format must be meta, hf or none, got {fmt!r}")
-    from herd.text.vocab_subset import SubsetTokenizer
-
     if isinstance(tokenizer, SubsetTokenizer):
         tokenizer.save(out)
         tokenizer = tokenizer.base
     tok_file = getattr(tokenizer, "path", None)
     if tok_file is not None and Path(tok_file).is_file():
         shutil.copy2(tok_file, out / "tokenizer.model")
+    if fmt == "hf" and isinstance(tokenizer, Tokenizer):
+        from herd.text.hf_tokenizer import write_hf_tokenizer
+
+        write_hf_tokenizer(tokenizer, out, args.max_seq_len)
     return out
 
 
@@ -197,11 +214,12 @@ class ConvertResult:
     num_params: int
     seconds: float
     files: list[Path] = field(default_factory=list)
-    copied: list[str] = field(default_factory=list)  # tokenizer/generation files carried across
+    copied: list[str] = field(default_factory=list)  # tokenizer/generation files carried across or derived
 
 
-def _token_ids(src: Path, src_format: str) -> dict[str, Any]:
-    """bos/eos/pad ids for a written config.json: from the source config, else generation_config.json."""
+def _token_ids(src: Path, src_format: str, tokenizer: Any = None) -> dict[str, Any]:
+    """bos/eos/pad ids for a written config.json: from the source config, else generation_config.json,
+    else the source's tokenizer (a Meta checkpoint has only tokenizer.model)."""
     keys = ("bos_token_id", "eos_token_id", "pad_token_id")
     sources = [read_hf_config(src)] if src_format == "hf" else []
     gen = src / "generation_config.json"
@@ -212,19 +230,47 @@ def _token_ids(src: Path, src_format: str) -> dict[str, Any]:
     for cfg in sources:
         if any(k in cfg for k in keys):
             return {k: cfg[k] for k in keys if k in cfg}
+    if tokenizer is not None:
+        from herd.text.hf_tokenizer import hf_token_ids
+
+        return hf_token_ids(tokenizer)
     return {}
+
+
+def _source_file(src: Path, name: str) -> Path | None:
+    """`src/name`, else `src/original/name` (Meta's files inside a Hugging Face repository), else None."""
+    return next((p for p in (src / name, src / "original" / name) if p.is_file()), None)
+
+
+def _tiktoken_tokenizer(src: Path, vocab_size: int) -> Any:
+    """The Llama 3 tokenizer of a checkpoint folder, or None when it has no tiktoken tokenizer.model."""
+    from herd.text.tokenizer import Tokenizer, detect_tokenizer_format
+
+    file = _source_file(src, "tokenizer.model")
+    if file is None:
+        return None
+    try:
+        if detect_tokenizer_format(file) != "tiktoken":
+            return None  # SentencePiece (Llama 1/2): copied as it is
+    except ValueError:
+        return None  # neither format (a placeholder): copied as it is, no tokenizer files derived
+    tokenizer = Tokenizer(file)
+    if tokenizer.vocab_size > vocab_size:
+        raise CheckpointError(
+            f"{file}: {tokenizer.vocab_size} tokens, more than the checkpoint's vocab_size {vocab_size}"
+        )
+    return tokenizer
 
 
 def copy_tokenizer_files(src: str | PathLike, dst: str | PathLike) -> list[str]:
     """Copy the tokenizer/generation files of `src` (or `src/original/`) into `dst`; returns their names."""
     src, dst = Path(src), Path(dst)
     copied = []
-    for name in TOKENIZER_FILES:
-        for candidate in (src / name, src / "original" / name):
-            if candidate.is_file():
-                shutil.copy2(candidate, dst / name)
-                copied.append(name)
-                break
+    for name in (*TOKENIZER_FILES, SUBSET_FILE):
+        found = _source_file(src, name)
+        if found is not None:
+            shutil.copy2(found, dst / name)
+            copied.append(name)
     return copied
 
 
@@ -249,17 +295,32 @@ def convert_checkpoint(
     fmt = src_format or detect_format(src_path)
     if dst_format == "hf" and num_shards != 1:
         raise ValueError("num_shards applies to Meta checkpoints; use max_shard_size for Hugging Face")
+    if dst_format == "hf" and (subset := _source_file(src_path, SUBSET_FILE)) is not None:
+        raise CheckpointError(
+            f"{subset}: the model was trained on a trimmed vocabulary, which no Hugging Face tokenizer "
+            "reproduces (see herd.text.hf_tokenizer.refuse_subset_vocabulary); keep it in the Meta layout"
+        )
     args, sd = load_checkpoint(src_path, fmt, dtype)
+    # A Meta source carries only tokenizer.model: transformers needs tokenizer.json & co. derived from it.
+    derive = dst_format == "hf" and _source_file(src_path, "tokenizer.json") is None
+    tokenizer = _tiktoken_tokenizer(src_path, args.vocab_size) if derive else None
     if dst_format == "meta":
         files = save_meta_checkpoint(dst_path, args, sd, num_shards=num_shards, overwrite=overwrite)
     elif dst_format == "hf":
-        extra = _token_ids(src_path, fmt)
+        extra = _token_ids(src_path, fmt, tokenizer)
         files = save_hf_checkpoint(
             dst_path, args, sd, max_shard_size, extra_config=extra, overwrite=overwrite
         )
     else:
         raise ValueError(f"cannot write format {dst_format!r} (expected 'meta' or 'hf')")
     copied = copy_tokenizer_files(src_path, dst_path)
+    if tokenizer is not None:
+        from herd.text.hf_tokenizer import write_hf_tokenizer
+
+        # A generation_config.json of the source (sampling defaults, its own stop ids) is kept.
+        keep_generation = "generation_config.json" in copied
+        written = write_hf_tokenizer(tokenizer, dst_path, args.max_seq_len, generation=not keep_generation)
+        copied = sorted({*copied, *(f.name for f in written)})
     return ConvertResult(
         src_format=fmt,
         dst_format=dst_format,

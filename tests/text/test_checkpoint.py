@@ -198,8 +198,11 @@ def test_meta_checkpoint_from_hf_matches_transformers(tmp_path: Path) -> None:
     hf = make_hf(tmp_path / "hf", "gqa_scaled")
     convert_checkpoint(tmp_path / "hf", tmp_path / "meta", dst_format="meta", num_shards=2)
     params = json.loads((tmp_path / "meta" / "params.json").read_text())
-    assert params["ffn_dim"] == 160 and params["use_scaled_rope"] and params["n_kv_heads"] == 2
-    assert params["rope_scaling"]["original_max_position"] == 64
+    # Meta's keys only: the 160-row FFN as the (multiple_of, multiplier) pair Meta's formula turns into 160.
+    assert (params["multiple_of"], params["ffn_dim_multiplier"]) == (32, 0.8) and "ffn_dim" not in params
+    assert params["use_scaled_rope"] and params["n_kv_heads"] == 2
+    extra = json.loads((tmp_path / "meta" / "herd_params.json").read_text())
+    assert extra["rope_scaling"]["original_max_position"] == 64 and extra["max_seq_len"] == 256
     ours = load_model(tmp_path / "meta")
     assert ours.args.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 64)
     diff = max_diff(hf, ours, tokens())
@@ -219,8 +222,9 @@ def test_meta_multi_shard_write_merge(tmp_path: Path, num_shards: int, split: st
     args = tiny_args(rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64))
     sd = build_llama(args).state_dict()
     files = save_meta_checkpoint(tmp_path, args, sd, num_shards=num_shards, embedding_split=split)
-    assert [f.name for f in files[1:]] == [f"consolidated.{i:02d}.pth" for i in range(num_shards)]
-    shards = [torch.load(f, weights_only=True) for f in files[1:]]
+    files = [f for f in files if f.suffix == ".pth"]  # after params.json and herd_params.json
+    assert [f.name for f in files] == [f"consolidated.{i:02d}.pth" for i in range(num_shards)]
+    shards = [torch.load(f, weights_only=True) for f in files]
     s0 = shards[0]
     hd, ffn = args.head_dim, args.ffn_hidden_dim
     assert s0["layers.0.attention.wq.weight"].shape == (64 // num_shards, 64)
@@ -238,7 +242,7 @@ def test_meta_multi_shard_write_merge(tmp_path: Path, num_shards: int, split: st
             shards[0]["layers.0.attention.wk.weight"], shards[1]["layers.0.attention.wk.weight"]
         )
     # Each file holds only its own slice (a saved view would drag the whole storage along).
-    sizes = [f.stat().st_size for f in files[1:]]
+    sizes = [f.stat().st_size for f in files]
     assert max(sizes) < sum(t.numel() * 4 for t in sd.values()) / num_shards * 1.6
 
     args2, merged = load_meta_checkpoint(tmp_path)
@@ -312,17 +316,25 @@ def test_load_pretrained_returns_model_and_tokenizer(tmp_path: Path) -> None:
     assert model(torch.tensor([ids])).shape == (1, len(ids), 128_256)
 
 
-def test_meta_without_head_reads_as_tied(tmp_path: Path) -> None:
-    """Meta's params.json has no tie flag: a checkpoint without output.weight is a tied model."""
+def test_meta_tied_model_without_herd_params(tmp_path: Path) -> None:
+    """Meta's params.json has no tie flag. Its tied releases (Llama 3.2) store the head as a copy of the
+    embedding, older herd exports stored no head: both read back as tied without herd_params.json."""
     torch.manual_seed(0)
     args = tiny_args(tie_embeddings=True)
     model = build_llama(args)
     save_meta_checkpoint(tmp_path, args, model.state_dict(), num_shards=2)
-    params = json.loads((tmp_path / "params.json").read_text())
-    del params["tie_embeddings"]
-    (tmp_path / "params.json").write_text(json.dumps(params))
-    loaded = load_model(tmp_path)
-    assert loaded.args.tie_embeddings and loaded.output is None
+    assert "tie_embeddings" not in json.loads((tmp_path / "params.json").read_text())
+    (tmp_path / "herd_params.json").unlink()
+    shard = torch.load(tmp_path / "consolidated.00.pth", weights_only=True)
+    assert torch.equal(shard["output.weight"], shard["tok_embeddings.weight"])  # Meta's layout
     toks = tokens(length=40)
-    with torch.no_grad():
-        assert torch.equal(model(toks), loaded(toks))
+    for layout in ("head copy", "no head"):
+        if layout == "no head":
+            for f in tmp_path.glob("consolidated.*.pth"):
+                sd = torch.load(f, weights_only=True)
+                del sd["output.weight"]
+                torch.save(sd, f)
+        loaded = load_model(tmp_path)
+        assert loaded.args.tie_embeddings and loaded.output is None, layout
+        with torch.no_grad():
+            assert torch.equal(model(toks), loaded(toks)), layout
