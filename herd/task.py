@@ -109,6 +109,10 @@ class Task(Protocol):
         """{dataset name: SkipCounter} of the records the task's datasets skipped so far."""
         ...
 
+    def check_export(self, out_dir: str | Path, fmt: str) -> None:
+        """Refuse at start-up an export `export` could not write at the end of the run."""
+        ...
+
 
 class TaskBase:
     """Defaults for the optional parts of the contract; a task overrides what it has."""
@@ -142,6 +146,9 @@ class TaskBase:
     def skip_counts(self) -> dict[str, Any]:
         return {}
 
+    def check_export(self, out_dir: str | Path, fmt: str) -> None:
+        return None
+
     def check_layout(self, degrees: dict[str, int]) -> None:
         """Refuse, before anything is built, a layout this task does not run under."""
         used = [dim for dim in LAYOUT_DIMS if degrees.get(dim, 1) > 1]
@@ -165,7 +172,7 @@ def describe_layout(degrees: dict[str, int]) -> str:
 
 _REQUIRED = ("name", "layouts", "model_args", "plan", "build_model", "init_weights", "train_batches",
              "val_batches", "num_targets", "inputs", "loss_from_output", "loss", "before_step",
-             "flops_per_target", "export", "skip_counts", "check_layout")  # fmt: skip
+             "flops_per_target", "export", "skip_counts", "check_export", "check_layout")  # fmt: skip
 
 
 def check_task(task: Any) -> Any:

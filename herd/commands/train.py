@@ -40,6 +40,7 @@ def train_and_export(task_name: str, config: str | None, overrides: list[str]) -
     cfg = load_config(config, overrides)
     rank, _, _ = init_distributed()
     task = build_task(task_name, cfg)
+    task.check_export(f"{cfg.train.run_dir}/model", cfg.checkpoint.export_format)
     result = train(cfg, task)
     state = result.runtime.full_state_dict()  # collective: every rank takes part, rank 0 gets it
     if rank != 0:

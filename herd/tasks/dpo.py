@@ -40,6 +40,7 @@ from herd.data.training.preferences import (
 from herd.losses import token_logprobs
 from herd.plans.preference import DPO_PLAN
 from herd.task import LossOutput, TaskBase
+from herd.tasks.text import CausalLMObjective
 from herd.text.args import ModelArgs
 from herd.text.chat_format import ChatFormat
 from herd.text.loading import save_text_model
@@ -216,6 +217,9 @@ class DPOTask(PreferenceBatching, TaskBase):
         )  # (B,) implicit rewards
         extra = {"correct_pairs": float((margin > 0).sum()), "reward_margin_sum": float(margin.sum())}
         return LossOutput(losses.sum(), int(policy.shape[0]), extra)
+
+    def check_export(self, out_dir: str | Path, fmt: str) -> None:
+        CausalLMObjective.check_export(self, out_dir, fmt)  # type: ignore[arg-type]
 
     def export(self, state: dict[str, torch.Tensor], out_dir: str | Path, fmt: str = "meta") -> Path | None:
         """The policy alone, where `load_pretrained` reads it (the reference is not written)."""

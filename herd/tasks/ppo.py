@@ -52,6 +52,7 @@ from herd.tasks.ppo_rollout import (
     row_uniforms,
     sample_responses,
 )
+from herd.tasks.text import CausalLMObjective
 from herd.text.args import ModelArgs
 from herd.text.chat_format import ChatFormat
 from herd.text.kv_cache import KVCache
@@ -458,6 +459,9 @@ class PPOTask(TaskBase):
                 f"response_tokens {entry['response_tokens']:.1f}  clip_frac {entry['clip_frac']:.3f}",
                 soft_wrap=True,
             )
+
+    def check_export(self, out_dir: str | Path, fmt: str) -> None:
+        CausalLMObjective.check_export(self, out_dir, fmt)  # type: ignore[arg-type]
 
     def export(
         self, state_dict: dict[str, torch.Tensor], out_dir: str | Path, fmt: str = "meta"

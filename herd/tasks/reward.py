@@ -171,6 +171,12 @@ class RewardModelTask(PreferenceBatching, TaskBase):
         correct = ((better > worse) & valid).sum()
         return LossOutput(loss_sum, int(valid.sum()), {"correct_pairs": float(correct)})
 
+    def check_export(self, out_dir: str | Path, fmt: str) -> None:
+        if fmt not in ("meta", "none"):
+            raise ValueError(
+                f"{out_dir}: a reward model exports in the meta layout only, got checkpoint.export_format {fmt!r}"
+            )
+
     def export(self, state: dict[str, torch.Tensor], out_dir: str | Path, fmt: str = "meta") -> Path | None:
         """The trunk as a Meta checkpoint, the score head as safetensors, and `reward_model.json`."""
         if fmt == "none":

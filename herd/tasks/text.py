@@ -48,6 +48,13 @@ class CausalLMObjective:
     def num_targets(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
+    def check_export(self, out_dir: str | Path, fmt: str) -> None:
+        """A trimmed vocabulary cannot be exported for transformers: say so before training, not after."""
+        if fmt == "hf":
+            from herd.text.hf_tokenizer import refuse_subset_vocabulary
+
+            refuse_subset_vocabulary(self.tokenizer, out_dir)  # type: ignore[attr-defined]
+
 
 class TextPretrainTask(CausalLMObjective, TaskBase):
     name = "text"

@@ -1,11 +1,14 @@
 """Checkpoint averaging: per-tensor parity with a manual weighted mean, dtypes, errors, the CLI."""
 
+import shutil
+
 import pytest
 import torch
 
 from herd.average import average_checkpoints, normalized_weights
 from herd.cli import main
 from herd.text import build_llama, get_preset
+from herd.text.checkpoint_hf import save_hf_checkpoint
 from herd.text.checkpoint_meta import CheckpointError, save_meta_checkpoint
 from herd.text.loading import load_checkpoint, load_pretrained, model_from_state_dict, save_text_model
 from herd.text.tokenizer import Tokenizer
@@ -30,7 +33,14 @@ def make_checkpoint(root, name, tokenizer, seed, fmt="meta", dtype=None, **overr
     state = build_llama(args).state_dict()
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    return save_text_model(state, args, tokenizer, root / name, fmt)
+    if fmt == "meta":
+        return save_text_model(state, args, tokenizer, root / name, fmt)
+    # herd refuses to export a trimmed vocabulary for transformers (docs/checkpoints.md); averaging still
+    # reads the Hugging Face weights layout, so write it directly, with herd's own tokenizer files
+    save_hf_checkpoint(root / name, args, state, overwrite=True)
+    tokenizer.save(root / name)
+    shutil.copy2(tokenizer.base.path, root / name / "tokenizer.model")
+    return root / name
 
 
 @pytest.fixture(scope="module")
