@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from herd.data.records import SkipCounter
+from herd.data.training.prompts import read_prompts
 from herd.text.chat_format import ChatFormat, Message
 from herd.text.generation import (
     Completion,
@@ -291,41 +292,6 @@ def rejection_sample(
 
 
 # --- prompts file ----------------------------------------------------------------------------------------
-def parse_prompt_record(record: Any) -> list[Message]:
-    """`{"messages": [...]}` ending with a user (or tool-output) turn, or `{"prompt": "..."}`."""
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    if "messages" in record:
-        raw = record["messages"]
-        if not isinstance(raw, list) or not raw:
-            raise ValueError('"messages" must be a non-empty list')
-        keys = ("role", "content", "tool_calls", "stop_reason", "train")  # SFT files' "train" is ignored
-        if not all(isinstance(m, dict) and set(m) <= set(keys) for m in raw):
-            raise ValueError(f"each message must be an object with keys among {keys}")
-        messages = [Message(**{k: v for k, v in m.items() if k != "train"}) for m in raw]
-        if messages[-1].role not in ("user", "ipython"):
-            raise ValueError(f"the last message must be a user turn, not {messages[-1].role!r}")
-        return messages
-    if isinstance(record.get("prompt"), str) and record["prompt"]:
-        return [Message("user", record["prompt"])]
-    raise ValueError('expected "messages" (a list) or "prompt" (a non-empty string)')
-
-
-def read_prompts(path: str | Path, skipped: SkipCounter) -> list[tuple[str, list[Message]]]:
-    """(file:line, dialog) of every usable record; bad ones are counted in `skipped` with their file:line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                out.append((where, parse_prompt_record(json.loads(line))))
-            except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-                skipped.add("bad_record", where, str(e))
-    return out
-
-
 # --- prompts file → best-of-K file ----------------------------------------------------------------------
 def rejection_sample_file(
     policy: str | Path,

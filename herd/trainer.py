@@ -37,7 +37,15 @@ from herd.optim import OptimizerGroup, describe_multipliers, multiplier_matches
 from herd.runtime import Runtime
 from herd.task import LossOutput, Task, check_task
 
-__all__ = ["LossOutput", "NonFiniteLossError", "TrainResult", "evaluate", "train", "train_step"]
+__all__ = [
+    "LossOutput",
+    "NonFiniteLossError",
+    "TrainResult",
+    "evaluate",
+    "train",
+    "train_and_export",
+    "train_step",
+]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -254,6 +262,31 @@ def train(cfg: JobConfig, task: Task, show_progress: bool = True) -> TrainResult
     return TrainResult(
         runtime.parts[0], last_loss, val_loss, cfg.train.steps, seconds, history, runtime, skipped
     )
+
+
+def train_and_export(
+    task_name: str, config: str | Path | None = None, overrides: list[str] | None = None
+) -> tuple[TrainResult, Path | None]:
+    """`herd train TASK --config CONFIG [--section.key=value ...]` as a function: load the job config, join
+    the torchrun process group (if any), build the task from the registry, refuse at once an export it
+    could not write, train, and write the final model to `<run_dir>/model` on rank 0.
+
+    Returns (the loop's result, the export folder on rank 0, else None). Every rank must call it:
+    gathering the full state dict is a collective."""
+    from herd.config import load_config
+    from herd.parallel.launch import init_distributed
+    from herd.task import build_task
+
+    cfg = load_config(config, overrides or [])
+    rank, _, _ = init_distributed()
+    task = build_task(task_name, cfg)
+    out_dir = Path(cfg.train.run_dir) / "model"
+    task.check_export(out_dir, cfg.checkpoint.export_format)
+    result = train(cfg, task)
+    state = result.runtime.full_state_dict()  # collective: every rank takes part, rank 0 gets it
+    if rank != 0:
+        return result, None
+    return result, task.export(state, out_dir, cfg.checkpoint.export_format)
 
 
 def _checkpointer(cfg: JobConfig, run_dir: Path):

@@ -26,30 +26,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_and_export(task_name: str, config: str | None, overrides: list[str]) -> tuple[Any, str | None]:
-    """Build the task `task_name` from the job config, run the loop, export the model on rank 0.
-
-    Returns (the loop's result, the export folder on rank 0 else None). Every rank must call this:
-    gathering the full state dict is a collective.
-    """
-    from herd.config import load_config
-    from herd.parallel.launch import init_distributed
-    from herd.task import build_task
-    from herd.trainer import train
-
-    cfg = load_config(config, overrides)
-    rank, _, _ = init_distributed()
-    task = build_task(task_name, cfg)
-    task.check_export(f"{cfg.train.run_dir}/model", cfg.checkpoint.export_format)
-    result = train(cfg, task)
-    state = result.runtime.full_state_dict()  # collective: every rank takes part, rank 0 gets it
-    if rank != 0:
-        return result, None
-    return result, str(task.export(state, f"{cfg.train.run_dir}/model", cfg.checkpoint.export_format))
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    """`train_and_export`, then one line with the final loss and where the model went."""
+    """`herd.trainer.train_and_export`, then one line with the final loss and where the model went."""
+    from herd.trainer import train_and_export
+
     result, out = train_and_export(task_name=args.task, config=args.config, overrides=args.overrides)
     if out is not None:
         print(f"final loss {result.final_loss:.4f}; model written to {out}")

@@ -1,13 +1,13 @@
 """PPO rollouts (Llama 2 §3.2.3): prompts from jsonl, their batches, and lock-step sampling of responses.
 
-Prompts: one jsonl record per line, either `{"messages": [..., {"role": "user", ...}]}` (a dialog that
-ends with a user turn) or `{"prompt": "..."}` (one user turn). Each is encoded in the Llama 3.1 chat
+Prompts (`herd.data.training.prompts`, shared with rejection sampling): one jsonl record per line, either
+`{"messages": [..., user turn]}` or `{"prompt": "..."}`. Each is encoded in the Llama 3.1 chat
 format with the assistant header appended, so the policy writes the assistant's reply. Bad records are
 skipped and counted with file:line (`SkipCounter`).
 
 Batches: the prompts are shuffled per pass with seed (data.seed, pass) into one global stream; rollout r
 is stream positions r·G .. (r+1)·G-1 (G = data.batch_size) and DP rank k takes its b = G/world slice.
-PPO reuses a rollout for `ppo_epochs` optimizer steps, so the batches come in *rounds*: with A
+PPO reuses a rollout for `ppo.epochs` optimizer steps, so the batches come in *rounds*: with A
 micro-batches per step, rollouts r..r+A-1 are each yielded once per epoch, epoch-major, and every yield
 carries its rollout id and epoch. The task generates a rollout at epoch 0 and reuses it afterwards.
 
@@ -21,7 +21,6 @@ per-block all-gathers in lock-step; tokens after a row's first stop token are ma
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +30,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from herd.data.records import SkipCounter
-from herd.text.chat_format import ROLES, ChatFormat, Message
+from herd.data.records import NoUsableRecords, SkipCounter
+from herd.data.training.prompts import read_prompts as read_prompt_file
+from herd.text.chat_format import ChatFormat
 from herd.text.generation import StopRule, decode
-
-_MESSAGE_KEYS = {"role", "content", "tool_calls", "stop_reason"}
 
 
 # --- prompts --------------------------------------------------------------------------------------------
@@ -45,63 +43,19 @@ class Prompt:
     where: str  # "file:line" of the record
 
 
-def parse_prompt(record: Any) -> list[Message]:
-    """The messages of one prompt record; ValueError (the reason) if it is unusable."""
-    if not isinstance(record, dict):
-        raise ValueError("not a JSON object")
-    if "prompt" in record:
-        if not isinstance(record["prompt"], str) or not record["prompt"].strip():
-            raise ValueError('"prompt" must be a non-empty string')
-        return [Message("user", record["prompt"])]
-    raw = record.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise ValueError('needs a non-empty "messages" list or a "prompt" string')
-    messages = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict):
-            raise ValueError(f"message {i} is not an object")
-        if m.get("role") not in (*ROLES, "tool"):
-            raise ValueError(f"message {i} has unknown role {m.get('role')!r}; expected one of {ROLES}")
-        unknown = sorted(set(m) - _MESSAGE_KEYS)
-        if unknown:
-            raise ValueError(f"message {i} has unknown key(s) {unknown}")
-        try:
-            messages.append(Message(m["role"], m.get("content", ""), m.get("tool_calls") or [],
-                                    m.get("stop_reason")))  # fmt: skip
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"message {i}: {e}") from None
-    if messages[-1].role != "user":
-        raise ValueError(f"the last message must be a user turn to answer, not {messages[-1].role!r}")
-    return messages
-
-
 def read_prompts(path: str | Path, fmt: ChatFormat, max_tokens: int, skipped: SkipCounter) -> list[Prompt]:
-    """Every usable prompt of a jsonl file, encoded; prompts longer than `max_tokens` are skipped too."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"post.train_data: prompt file not found: {file}")
+    """Every usable prompt of a jsonl file (`herd.data.training.prompts`), encoded with the assistant
+    header appended; prompts longer than `max_tokens` are skipped and counted too."""
     prompts = []
-    with file.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{file}:{line_no}"
-            try:
-                messages = parse_prompt(json.loads(raw.decode("utf-8")))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                skipped.add("bad_json", where, f"not JSON ({type(e).__name__})")
-                continue
-            except ValueError as e:
-                skipped.add("bad_record", where, str(e))
-                continue
-            tokens = fmt.encode_dialog_prompt(messages, add_generation_prompt=True)
-            if len(tokens) > max_tokens:
-                skipped.add("too_long", where, f"{len(tokens)} prompt tokens, more than the {max_tokens} that "
-                            "leave room for post.max_new_tokens in the models' max_seq_len")  # fmt: skip
-                continue
-            prompts.append(Prompt(tokens, where))
+    for where, messages in read_prompt_file(path, skipped):
+        tokens = fmt.encode_dialog_prompt(messages, add_generation_prompt=True)
+        if len(tokens) > max_tokens:
+            skipped.add("too_long", where, f"{len(tokens)} prompt tokens, more than the {max_tokens} that "
+                        "leave room for ppo.max_new_tokens in the models' max_seq_len")  # fmt: skip
+            continue
+        prompts.append(Prompt(tokens, where))
     if not prompts:
-        raise ValueError(f"{file}: no usable prompt ({skipped.count} bad record(s), e.g. {skipped.examples})")
+        raise NoUsableRecords(f"{path}: no usable prompt ({skipped.summary()})")
     return prompts
 
 
