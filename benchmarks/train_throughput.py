@@ -19,15 +19,22 @@ import torch
 import torch.nn.functional as F
 
 from herd.config import load_config
-from herd.losses import causal_lm_loss
 from herd.parallel.launch import init_distributed, run_in_fresh_process
+from herd.plans.llama import LLAMA_PLAN
+from herd.task import LAYOUT_DIMS, TaskBase
+from herd.tasks.text import CausalLMObjective
 from herd.text.args import get_preset
 from herd.text.model import Llama
-from herd.trainer import LossOutput, peak_memory_gib, train
+from herd.trainer import peak_memory_gib, train
 
 
-class RandomTokensTask:
-    """Uniform random tokens: throughput does not depend on the text."""
+class RandomTokensTask(CausalLMObjective, TaskBase):
+    """Uniform random tokens: throughput does not depend on the text. One document per row, so attention
+    takes SDPA's causal fast path (no explicit document mask)."""
+
+    name = "bench-text"
+    layouts = frozenset(LAYOUT_DIMS)
+    plan = LLAMA_PLAN
 
     def __init__(self, args, seq_len: int, batch_size: int, seed: int = 0) -> None:
         self.model_args, self.seq_len, self.batch_size, self.seed = args, seq_len, batch_size, seed
@@ -47,19 +54,15 @@ class RandomTokensTask:
             docs = torch.zeros(local, self.seq_len, dtype=torch.long)
             yield {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "document_ids": docs}
 
-    def val_batches(self):
-        return None
-
-    def num_targets(self, batch: dict[str, Any]) -> int:
-        return batch["labels"].numel()
-
-    def loss(self, model, batch) -> LossOutput:
-        logits = model(batch["tokens"], positions=batch.get("positions"))
-        loss_sum, n = causal_lm_loss(logits, batch["labels"])
-        return LossOutput(loss_sum, n)
+    def inputs(self, batch: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        positions = batch.get("positions")  # context parallelism's chunks
+        return (batch["tokens"],), ({} if positions is None else {"positions": positions})
 
     def flops_per_target(self) -> float:
         return self.model_args.training_flops_per_token(self.seq_len)
+
+    def export(self, state_dict, out_dir, fmt="meta"):
+        return None  # a benchmark keeps no model
 
 
 def bench_herd(a: argparse.Namespace) -> dict[str, Any]:

@@ -37,10 +37,12 @@ from herd.data.records import IGNORE_INDEX
 from herd.losses import causal_lm_loss
 from herd.optim import build_optimizer
 from herd.parallel.launch import init_distributed, run_in_fresh_process
+from herd.plans.multimodal import MULTIMODAL_PLAN
+from herd.task import LossOutput, TaskBase
 from herd.text.args import ModelArgs, get_preset
 from herd.text.checkpoint_hf import hf_config_from_args
 from herd.text.model import Llama
-from herd.trainer import LossOutput, peak_memory_gib, resolve_device, train
+from herd.trainer import peak_memory_gib, resolve_device, train
 from herd.vision.encoder import VisionEncoder
 from herd.vision.vision_args import VisionArgs, get_vision_preset
 
@@ -89,8 +91,12 @@ def random_batches(a: argparse.Namespace, args: ModelArgs, vargs: VisionArgs, ro
 
 
 # --- herd --------------------------------------------------------------------------------------------------
-class RandomImageTextTask:
+class RandomImageTextTask(TaskBase):
     """The vision task's model and loss on pre-generated random batches (throughput is content-blind)."""
+
+    name = "bench-vision"
+    layouts = frozenset({"fsdp", "hsdp", "tp", "pp"})
+    plan = MULTIMODAL_PLAN
 
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
@@ -123,25 +129,19 @@ class RandomImageTextTask:
         rows = self.a.batch_size // world_size
         return itertools.cycle(random_batches(self.a, self.model_args, self.vision_args, rows, seed=rank))
 
-    def val_batches(self):
-        return None
-
     def num_targets(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
-    def loss(self, model: MultimodalLlama, batch: dict[str, Any]) -> LossOutput:
-        logits = model(
-            batch["tokens"],
-            pixel_values=batch["pixel_values"],
-            aspect_ratio_ids=batch["aspect_ratio_ids"],
-            aspect_ratio_mask=batch["aspect_ratio_mask"],
-            cross_attention_mask=batch["cross_attention_mask"],
-        )  # (B, T, V)
-        loss_sum, n = causal_lm_loss(logits, batch["labels"])
+    def inputs(self, batch: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        keys = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+        return (batch["tokens"],), {k: batch[k] for k in keys}
+
+    def loss_from_output(self, logits: torch.Tensor, batch: dict[str, Any]) -> LossOutput:
+        loss_sum, n = causal_lm_loss(logits, batch["labels"])  # logits (B, T, V)
         return LossOutput(loss_sum, n)
 
-    def flops_per_target(self) -> None:
-        return None
+    def export(self, state_dict, out_dir, fmt="meta"):
+        return None  # a benchmark keeps no model
 
 
 def herd_config(a: argparse.Namespace):
