@@ -46,7 +46,8 @@ class LossOutput:
     loss_sum: torch.Tensor  # scalar: sum of per-target losses in the micro-batch
     num_targets: int  # how many targets the sum covers
     # summed auxiliary metrics (e.g. correctly ranked pairs); the loop sums them over ranks and a logging
-    # window and logs each divided by the window's targets (correct pairs / pairs = ranking accuracy)
+    # window and logs each divided by the window's targets (correct pairs / pairs = ranking accuracy), or by
+    # the sum of a companion `<key>_count` entry when there is one (PPO: reward sum / replies)
     extra: dict[str, float] = field(default_factory=dict)
 
 

@@ -146,7 +146,9 @@ class MetricsWindow:
             "lr": last.lr,
             "targets_per_s": self.targets / max(elapsed, 1e-9),
         }
-        out.update({k: v / targets for k, v in self.extra.items()})
+        for key, value in self.extra.items():  # the task's sums: per target, or per their own `<key>_count`
+            if not key.endswith("_count"):
+                out[key] = value / max(self.extra.get(f"{key}_count", targets), 1e-12)
         if self.flops_per_target and self.peak_tflops:
             achieved = self.flops_per_target * out["targets_per_s"] / self.world
             out["mfu"] = achieved / (self.peak_tflops * 1e12)

@@ -12,7 +12,7 @@ replies' log-probs: they are shared by chosen and rejected, and counting them pu
 
 The reference lives inside the trained module (`DPOModel`), frozen (requires_grad False: no gradients,
 no optimizer state) but sharded by FSDP and TP like the policy. When every record carries precomputed
-`ref_chosen_logp` / `ref_rejected_logp` (`herd dpo-reference`), no reference is built at all.
+`ref_chosen_logp` / `ref_rejected_logp` (`herd post dpo-reference`), no reference is built at all.
 """
 
 from __future__ import annotations

@@ -432,20 +432,20 @@ class PPOTask(TaskBase):
                       "value_loss": v_sum, "clip_frac": clip_sum, "approx_kl": kl_sum})  # fmt: skip
         if epoch >= post.epochs - 1:
             self._rollouts.pop(rollout_id, None)
-        extra = {  # this rank's sums
-            "reward_sum": float(ro.scores.sum()),
-            "rows": float(len(ro.scores)),
-            "kl_sum": float(((ro.old_logprobs - ro.ref_logprobs) * mask).sum()),
-            "clipped": float(clipped),
-            "approx_kl_sum": float(approx_kl),
-            "tokens": float(mask.sum()),
-        }
+        tokens = float(mask.sum())
+        extra = {  # this rank's sums; the loop logs each over its `_count` (summed over ranks and steps)
+            "reward": float(ro.scores.sum()), "reward_count": float(len(ro.scores)),  # mean score per reply
+            "kl": float(((ro.old_logprobs - ro.ref_logprobs) * mask).sum()), "kl_count": float(len(ro.scores)),
+            "response_tokens": tokens, "response_tokens_count": float(len(ro.scores)),
+            "clip_frac": float(clipped), "clip_frac_count": tokens,
+            "approx_kl": float(approx_kl), "approx_kl_count": tokens,
+        }  # fmt: skip
         total = policy_sum + post.value_coef * value_sum
         return LossOutput(total * ro.scale, self.num_targets(batch), extra)
 
     def _record(self, entry: dict[str, float]) -> None:
-        """Keep the step's global statistics; rank 0 appends them to <run_dir>/ppo.jsonl (the loop itself
-        logs only the loss) and prints every `metrics.log_every`-th rollout."""
+        """Keep the rollout's global statistics; rank 0 appends them to <run_dir>/ppo.jsonl (the loop logs
+        the same means per logging window) and prints every `metrics.log_every`-th rollout."""
         self.history.append(entry)
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return

@@ -164,3 +164,18 @@ def test_lr_multipliers_report_what_each_substring_reaches():
     lines = describe_multipliers(found, multipliers)
     assert lines[0].startswith("lr × 30 'gate_attn': 2 tensors (cross.gate_attn.weight")
     assert lines[2] == "lr × 2 'typo': matches no trainable parameter here"
+
+
+def test_metrics_window_divides_a_tasks_sums_by_targets_or_their_own_count():
+    """LossOutput.extra: `correct_pairs` per target (ranking accuracy), `reward` per its `reward_count`."""
+    from herd.trainer import MetricsWindow, StepResult
+
+    window = MetricsWindow(flops_per_target=None, peak_tflops=None, world=1)
+    for extra in ({"correct_pairs": 3.0, "reward": 2.0, "reward_count": 4.0},
+                  {"correct_pairs": 5.0, "reward": -1.0, "reward_count": 2.0}):  # fmt: skip
+        window.add(StepResult(loss=0.5, targets=8, grad_norm=1.0, lr=1e-3, extra=extra))
+    record = window.record(StepResult(0.5, 8, 1.0, 1e-3, {}), torch.device("cpu"), {"docs": {"bad_json": 2}})
+    assert (
+        record["correct_pairs"] == 8 / 16 and record["reward"] == 1.0 / 6.0 and "reward_count" not in record
+    )
+    assert record["loss"] == 0.5 and record["skipped/docs"] == 2.0 and record["skipped/docs/bad_json"] == 2.0

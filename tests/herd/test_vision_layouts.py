@@ -1,4 +1,4 @@
-"""The image adapter under tensor parallelism (paper §7; herd/parallel/tensor_parallel.py): the frozen LLM
+"""The image adapter under tensor parallelism (paper §7; herd/plans/multimodal.py): the frozen LLM
 is sharded, the image encoder, projector and cross-attention layers are replicated across TP ranks.
 
 Losses alone cannot catch a loss counted twice (Adam is blind to a constant gradient scale), so the
