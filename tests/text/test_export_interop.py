@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from herd.convert_cli import main as convert_main
+from herd.cli import main as convert_main
 from herd.text.args import ModelArgs, get_preset
 from herd.text.chat_format import ChatFormat, Message
 from herd.text.checkpoint_meta import CheckpointError

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from herd.convert_cli import main as convert_main
+from herd.cli import main as convert_main
 from herd.text.args import (
     ModelArgs,
     RopeScaling,
