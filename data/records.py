@@ -271,6 +271,24 @@ def write_part(path: str | Path, records: list[dict[str, Any]]) -> None:
         write_jsonl(path, records)
 
 
+def json_lines(path: str | Path, skipped: SkipCounter, what: str = "jsonl file") -> Iterator[tuple[str, Any]]:
+    """("file:line", parsed value) of every non-blank line of a jsonl file that parses; a line that is not
+    JSON (or not UTF-8) is skipped and counted as `bad_json`. Lines are decoded one by one, so a bad byte
+    costs one record, not the file. The value may be any JSON value: the caller checks its shape."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: {what} does not exist")
+    with file.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue  # blank lines are not records
+            where = f"{file}:{line_no}"
+            try:
+                yield where, json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                skipped.add("bad_json", where, f"not JSON ({type(e).__name__})")
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Small-file convenience (reports, tests): all good records of a jsonl file."""
     return [it.record for it in iter_jsonl(path) if it.record is not None]

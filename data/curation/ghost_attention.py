@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from herd.data.records import SkipCounter, atomic_write
+from herd.data.records import SkipCounter, atomic_write, json_lines
 
 Dialog = list[dict[str, Any]]  # [{"role": ..., "content": ...}, ...], the SFT jsonl message format
 SampleFn = Callable[[Dialog], str]
@@ -159,22 +159,15 @@ def read_instructions(path: str | Path) -> list[str]:
 
 def read_dialog_file(path: str | Path, skipped: SkipCounter) -> list[Dialog]:
     """The "messages" of every record of a jsonl file; bad lines go to `skipped` as "file:line: why"."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"dialog file not found: {path}")
     dialogs = []
-    with path.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-                dialog = record["messages"]
-                check_dialog(dialog)
-            except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
-                skipped.add("bad_record", f"{path}:{line_no}", f"{type(e).__name__}: {e}")
-                continue
-            dialogs.append(dialog)
+    for where, record in json_lines(path, skipped, "dialog file"):
+        try:
+            dialog = record["messages"]
+            check_dialog(dialog)
+        except (TypeError, KeyError, ValueError) as e:
+            skipped.add("bad_record", where, f"{type(e).__name__}: {e}")
+            continue
+        dialogs.append(dialog)
     return dialogs
 
 

@@ -22,7 +22,6 @@ skipped and counted (`SkipCounter`) with file and line.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from herd.data.records import IGNORE_INDEX, SkipCounter
+from herd.data.records import IGNORE_INDEX, SkipCounter, json_lines
 from herd.text.chat_format import ROLES, ChatFormat, Message
 
 _MESSAGE_KEYS = {"role", "content", "train", "tool_calls", "stop_reason"}
@@ -110,31 +109,18 @@ def read_dialogs(
     """Every usable dialog of the jsonl file(s), encoded; bad records go to `skipped` as "file:line: why"."""
     files = [paths] if isinstance(paths, str | Path) else list(paths)
     dialogs = []
-    for file in map(Path, files):
-        if not file.is_file():
-            raise FileNotFoundError(f"dialog file not found: {file}")
-        with file.open("rb") as f:
-            for line_no, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue  # blank lines are not records
-                where = f"{file}:{line_no}"
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    skipped.add("bad_json", where, f"not JSON ({type(e).__name__})")
-                    continue
-                try:
-                    messages, train = parse_dialog(record)
-                except ValueError as e:
-                    skipped.add("bad_record", where, str(e))
-                    continue
-                tokens, labels = encode_sft_example(fmt, messages, train)
-                if len(tokens) > seq_len:
-                    skipped.add(
-                        "too_long", where, f"{len(tokens)} tokens, longer than data.seq_len {seq_len}"
-                    )
-                    continue
-                dialogs.append(EncodedDialog(tokens, labels, where))
+    for file in files:
+        for where, record in json_lines(file, skipped, "dialog file"):
+            try:
+                messages, train = parse_dialog(record)
+            except ValueError as e:
+                skipped.add("bad_record", where, str(e))
+                continue
+            tokens, labels = encode_sft_example(fmt, messages, train)
+            if len(tokens) > seq_len:
+                skipped.add("too_long", where, f"{len(tokens)} tokens, longer than data.seq_len {seq_len}")
+                continue
+            dialogs.append(EncodedDialog(tokens, labels, where))
     return dialogs
 
 

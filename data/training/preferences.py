@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from herd.data.records import SkipCounter
+from herd.data.records import SkipCounter, json_lines
 from herd.text.chat_format import ChatFormat, Message
 
 STRENGTHS = ("significantly_better", "better", "slightly_better", "negligibly_better")
@@ -130,21 +130,12 @@ def parse_preference(obj: Any, where: str = "") -> PreferenceRecord:
 
 def read_preferences(path: str | Path, skipped: SkipCounter) -> list[PreferenceRecord]:
     """Every valid record of a jsonl file; bad ones are counted in `skipped` as 'file:line: reason'."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preference data {path} does not exist")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                records.append(parse_preference(json.loads(line), where))
-            except (json.JSONDecodeError, ValueError, TypeError) as e:
-                skipped.add(
-                    "bad_json" if isinstance(e, json.JSONDecodeError) else "bad_record", where, str(e)
-                )
+    for where, record in json_lines(path, skipped, "preference data"):
+        try:
+            records.append(parse_preference(record, where))
+        except (ValueError, TypeError) as e:
+            skipped.add("bad_record", where, str(e))
     return records
 
 

@@ -9,11 +9,10 @@ as is (its "prompt" is read, the responses ignored). Bad records are skipped and
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from herd.data.records import SkipCounter
+from herd.data.records import SkipCounter, json_lines
 from herd.text.chat_format import ROLES, Message
 
 MESSAGE_KEYS = ("role", "content", "tool_calls", "stop_reason", "train")  # "train": an SFT file's flag
@@ -52,24 +51,12 @@ def parse_prompt(record: Any) -> list[Message]:
 
 def read_prompts(path: str | Path, skipped: SkipCounter) -> list[tuple[str, list[Message]]]:
     """(file:line, messages) of every usable record; bad ones are counted in `skipped` by reason."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: prompt file not found")
     out = []
-    with file.open("rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            where = f"{file}:{line_no}"
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                skipped.add("bad_json", where, f"not JSON ({type(e).__name__})")
-                continue
-            try:
-                out.append((where, parse_prompt(record)))
-            except ValueError as e:
-                skipped.add("bad_record", where, str(e))
+    for where, record in json_lines(path, skipped, "prompt file"):
+        try:
+            out.append((where, parse_prompt(record)))
+        except ValueError as e:
+            skipped.add("bad_record", where, str(e))
     return out
 
 

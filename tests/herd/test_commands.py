@@ -92,7 +92,7 @@ def bad_input_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["post", "average", str(missing), str(tmp / "ckpt"), "--out", str(out)],
          f"herd post average: error: {missing} does not exist"),
         (["post", "gatt", "--model", "m", "--dialogs", str(missing), "--instructions", "i", "--out", str(out)],
-         f"herd post gatt: error: dialog file not found: {missing}"),
+         f"herd post gatt: error: {missing}: dialog file does not exist"),
         (["post", "dpo-reference", "--reference", str(tmp / "ckpt"), "in.jsonl", "out.jsonl"],
          f"herd post dpo-reference: error: {tmp / 'ckpt' / 'params.json'}: invalid JSON"),
         (["data", "tokenize", "--source", "jsonl", "--input", str(missing), "--out", str(out)],
