@@ -106,8 +106,12 @@ class Runtime:
             self.task.init_weights(module)
             return
         if not self._full_init():
-            # each pipeline stage draws its own weights (identical seeds would copy layers across stages)
-            torch.manual_seed(self.cfg.train.seed + 1000 * getattr(module, "stage_id", 0))
+            # each pipeline stage draws its own weights (identical seeds would copy layers across stages),
+            # except where the plan replicates modules on every stage: their copies must start equal
+            split = self.plan.pipeline
+            shared = split is not None and bool(split.replicated(module))
+            stage = 0 if shared else getattr(module, "stage_id", 0)
+            torch.manual_seed(self.cfg.train.seed + 1000 * stage)
             self.task.init_weights(module)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
