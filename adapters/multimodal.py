@@ -19,6 +19,11 @@ embeddings (`image_token_embeddings`), the LLM's embedding stays frozen.
 Decoding: image K/V are computed once per sequence and kept in a `MultimodalKVCache` with the
 per-position cross-attention mask. `herd.text.generate` works unchanged after `bind_images(...)`, or
 use `generate_with_images`.
+
+Video (`herd.adapters.video`): `video=PerceiverArgs(...)` or `add_video(...)` adds the perceiver resampler
+and video cross-attention layers before every 4th image cross-attention layer; the `video_*` keyword
+inputs (`collate_videos`) go through the same encoder and projector, then the resampler. Without them
+the video layers are skipped, and their gates start at zero: adding video changes no output.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import torch
 from torch import nn
 
 from herd.adapters.cross_attention import CrossAttentionBlock, CrossAttentionMask, build_cross_attention_mask
+from herd.adapters.perceiver import PerceiverArgs
+from herd.adapters.video import VIDEO_INPUTS, VideoAdapter, video_schedule, write_rows
 from herd.text.generation import Completion, SamplingParams, generate
 from herd.text.kv_cache import KVCache
 from herd.text.model import Llama
@@ -47,21 +54,20 @@ def fusion_schedule(n_layers: int, every: int = 4) -> list[int]:
 
 
 class MultimodalKVCache(KVCache):
-    """The LLM's self-attention cache plus the bound images: per cross-attention layer K/V
-    (B, K, N, hd) and the per-position cross-attention mask (B, S_max, N)."""
+    """The LLM's self-attention cache plus the bound images and video: per cross-attention layer K/V
+    (B, K, N, hd) and the per-position cross-attention masks (B, S_max, N)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.image_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.token_mask: torch.Tensor | None = None  # bool (B, S_max, N)
+        self.video_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.video_groups: torch.Tensor | None = None  # bool (B, G)
+        self.video_token_mask: torch.Tensor | None = None  # bool (B, S_max, G·L)
 
     def store_mask(self, start_pos: int, rows: torch.Tensor) -> None:
-        """Write mask rows (B, T, N) at start_pos; later positions repeat the last row (as in decoding)."""
-        B, T, N = rows.shape
-        if self.token_mask is None or self.token_mask.shape[-1] != N:
-            self.token_mask = torch.ones(B, self.max_seq_len, N, dtype=torch.bool, device=rows.device)
-        self.token_mask[:, start_pos : start_pos + T] = rows.bool()
-        self.token_mask[:, start_pos + T :] = rows[:, -1:].bool()
+        """Write image mask rows (B, T, N) at start_pos."""
+        self.token_mask = write_rows(self.token_mask, self.max_seq_len, start_pos, rows)
 
     def expand_rows(self, repeats: int, length: int) -> MultimodalKVCache:
         base = super().expand_rows(repeats, length)
@@ -71,7 +77,13 @@ class MultimodalKVCache(KVCache):
             k: (a.repeat_interleave(repeats, 0), b.repeat_interleave(repeats, 0))
             for k, (a, b) in self.image_kv.items()
         }
-        out.token_mask = None if self.token_mask is None else self.token_mask.repeat_interleave(repeats, 0)
+        out.video_kv = {
+            k: (a.repeat_interleave(repeats, 0), b.repeat_interleave(repeats, 0))
+            for k, (a, b) in self.video_kv.items()
+        }
+        for name in ("token_mask", "video_groups", "video_token_mask"):
+            value = getattr(self, name)
+            setattr(out, name, None if value is None else value.repeat_interleave(repeats, 0))
         return out
 
 
@@ -94,6 +106,8 @@ class MultimodalLlama(nn.Module):
         num_image_token_embeddings: int = 8,  # ids vocab_size … vocab_size+7 (`<|image|>` is the first)
         mask_attention_rows: bool = True,  # False: transformers' Mllama (no row mask on attention)
         freeze_llm: bool = True,
+        video: PerceiverArgs | None = None,  # a video adapter: resampler + video cross-attention layers
+        video_every: int = 4,  # a video layer before every 4th image cross-attention layer
     ) -> None:
         super().__init__()
         self.llm = llm
@@ -126,8 +140,25 @@ class MultimodalLlama(nn.Module):
         for module in (self.cross_attention, self.projector, self.image_token_embeddings):
             module.to(device=ref.device, dtype=ref.dtype)
         self._bound: dict[str, Any] | None = None
+        self.mask_attention_rows = mask_attention_rows
+        self.video: VideoAdapter | None = None
+        if video is not None:
+            self.add_video(video, video_every)
         if freeze_llm:
             self.freeze_llm()
+
+    def add_video(
+        self, args: PerceiverArgs, every: int = 4, layers: Sequence[int] | None = None
+    ) -> VideoAdapter:
+        """Add the video adapter (`herd.adapters.video`), placed by `video_schedule` unless `layers` says;
+        its gates start at zero, so every output stays what it was."""
+        if self.video is not None:
+            raise ValueError("this model already has a video adapter")
+        layers = video_schedule(self.cross_attention_layers, every) if layers is None else layers
+        ref = next(self.llm.parameters())
+        adapter = VideoAdapter(self.llm.args, args, layers, self.mask_attention_rows)
+        self.video = adapter.to(device=ref.device, dtype=ref.dtype)
+        return self.video
 
     # --- training helpers ---------------------------------------------------------------------------
     def freeze_llm(self) -> None:
@@ -135,7 +166,8 @@ class MultimodalLlama(nn.Module):
         self.llm.requires_grad_(False)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What the optimizer gets: encoder, projector, cross-attention layers, image-token embeddings."""
+        """What the optimizer gets: encoder, projector, cross-attention layers, image-token embeddings
+        and the video adapter."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -174,6 +206,58 @@ class MultimodalLlama(nn.Module):
         w = self.projector.weight
         x = self.projector(image_features.to(w.device, w.dtype))  # (B, M, T, N, D)
         return x.reshape(x.shape[0], -1, x.shape[-1])
+
+    def encode_video(
+        self,
+        video_pixel_values: torch.Tensor | None = None,  # (B, F, K, C, S, S)
+        video_aspect_ratio_ids: torch.Tensor | None = None,  # (B, F)
+        video_aspect_ratio_mask: torch.Tensor | None = None,  # (B, F, K)
+        video_frame_mask: torch.Tensor | None = None,  # bool (B, F)
+        video_features: torch.Tensor | None = None,  # (B, F, K, N, Dv) precomputed encoder output
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The video-only path: each frame through the image encoder and projector, then the resampler.
+        Returns video tokens (B, G·L, D) and group_mask (B, G)."""
+        if self.video is None:
+            raise ValueError(
+                "this model has no video adapter: build it with video=PerceiverArgs(...) or add_video"
+            )
+        if video_features is None:
+            if video_pixel_values is None or video_aspect_ratio_ids is None:
+                raise ValueError("video_pixel_values needs video_aspect_ratio_ids (B, F)")
+            if video_aspect_ratio_mask is None and self.vision is not None:
+                video_aspect_ratio_mask = self.vision.aspect_ratio_mask(video_aspect_ratio_ids)
+        x = self.encode_images(
+            video_pixel_values, video_aspect_ratio_ids, video_aspect_ratio_mask, video_features
+        )
+        B, Fr = (video_features if video_features is not None else video_pixel_values).shape[:2]
+        x = x.view(B, Fr, -1, x.shape[-1])  # (B, F, K·N, D)
+        return self.video.tokens(x, video_frame_mask, video_aspect_ratio_mask)
+
+    def _video_context(
+        self, length: int, start_pos: int, kv_cache: KVCache | None, videos: dict[str, Any]
+    ) -> _Images | None:
+        if self.video is None:
+            if any(v is not None for v in videos.values()):
+                raise ValueError("video inputs given, but this model has no video adapter (add_video)")
+            return None
+        cache = kv_cache if isinstance(kv_cache, MultimodalKVCache) else None
+        rows = videos.pop("video_cross_attention_mask", None)
+        if videos.get("video_pixel_values") is not None or videos.get("video_features") is not None:
+            if kv_cache is not None and cache is None:
+                raise ValueError(
+                    "a video with a KV cache needs the model's own cache: use model.new_kv_cache"
+                )
+            tokens, groups = self.encode_video(**videos)
+            kv = self.video.kv(tokens)
+            if cache is not None:
+                cache.video_kv, cache.video_groups, cache.video_token_mask = kv, groups, None
+        elif cache is not None and cache.video_kv:
+            kv, groups = cache.video_kv, cache.video_groups
+        else:
+            return None  # no video: the video cross-attention layers are skipped
+        assert groups is not None
+        token_mask = self.video.cached_token_mask(groups, length, start_pos, rows, cache)
+        return _Images(kv, build_cross_attention_mask(token_mask))
 
     def _tokens_per_tile(self, image_features: torch.Tensor | None) -> int:
         if image_features is not None:
@@ -228,6 +312,12 @@ class MultimodalLlama(nn.Module):
         start_pos: int = 0,
         image_features: torch.Tensor | None = None,  # (B, M, T_tiles, N, Dv) instead of pixel_values
         document_ids: torch.Tensor | None = None,  # (B, T), packed-sequence document mask
+        video_pixel_values: torch.Tensor | None = None,  # (B, F, T_tiles, C, S, S)
+        video_aspect_ratio_ids: torch.Tensor | None = None,  # (B, F)
+        video_aspect_ratio_mask: torch.Tensor | None = None,  # (B, F, T_tiles)
+        video_frame_mask: torch.Tensor | None = None,  # bool (B, F), False = padded or repeated frame
+        video_features: torch.Tensor | None = None,  # (B, F, T_tiles, N, Dv) instead of video pixels
+        video_cross_attention_mask: torch.Tensor | None = None,  # (B, T) or (B, T, G)
     ) -> torch.Tensor:
         T = tokens.shape[1]
         h = self.embed(tokens)  # (B, T, D)
@@ -238,14 +328,23 @@ class MultimodalLlama(nn.Module):
             "image_features": image_features,
         }
         img = self._image_context(T, start_pos, kv_cache, cross_attention_mask, images)
+        videos = {
+            "video_pixel_values": video_pixel_values,
+            "video_aspect_ratio_ids": video_aspect_ratio_ids,
+            "video_aspect_ratio_mask": video_aspect_ratio_mask,
+            "video_frame_mask": video_frame_mask,
+            "video_features": video_features,
+            "video_cross_attention_mask": video_cross_attention_mask,
+        }
+        vid = self._video_context(T, start_pos, kv_cache, videos)
         ctx = self.llm.attention_context(T, start_pos, document_ids, None, h.device)
-        for key, layer in self.llm.layers.items():
+        for key, layer in [*self.llm.layers.items(), (str(self.args.n_layers), None)]:
+            if vid is not None and key in self.video.cross_attention:  # type: ignore[union-attr]
+                h = self.video.cross_attention[key](h, vid.kv[key], vid.mask)  # type: ignore[union-attr]
             if img is not None and key in self.cross_attention:
                 h = self.cross_attention[key](h, img.kv[key], img.mask)
-            h = layer(h, ctx, kv_cache)
-        last = str(self.args.n_layers)
-        if img is not None and last in self.cross_attention:
-            h = self.cross_attention[last](h, img.kv[last], img.mask)
+            if layer is not None:
+                h = layer(h, ctx, kv_cache)
         return self.llm.head(h)  # (B, T, V)
 
     # --- decoding -----------------------------------------------------------------------------------
@@ -256,14 +355,19 @@ class MultimodalLlama(nn.Module):
         aspect_ratio_mask: torch.Tensor | None = None,
         cross_attention_mask: torch.Tensor | None = None,  # (B, T_prompt, M, T_tiles), per position
         image_features: torch.Tensor | None = None,
+        **videos: torch.Tensor | None,  # the `video_*` inputs of `forward`
     ) -> None:
-        """Images for the next `new_kv_cache`: it encodes them once and holds their K/V and mask."""
+        """Images (and a video) for the next `new_kv_cache`: it encodes them once and holds K/V and masks."""
+        unknown = sorted(set(videos) - set(VIDEO_INPUTS))
+        if unknown:
+            raise TypeError(f"unexpected inputs {unknown}; video inputs are {', '.join(VIDEO_INPUTS)}")
         self._bound = {
             "pixel_values": pixel_values,
             "aspect_ratio_ids": aspect_ratio_ids,
             "aspect_ratio_mask": aspect_ratio_mask,
             "image_features": image_features,
             "cross_attention_mask": cross_attention_mask,
+            "videos": {k: v for k, v in videos.items() if v is not None},
         }
 
     def clear_images(self) -> None:
@@ -276,7 +380,20 @@ class MultimodalLlama(nn.Module):
         if self._bound is not None:
             images = dict(self._bound)
             mask = images.pop("cross_attention_mask")
+            videos = images.pop("videos")
+            if videos:
+                video = videos.get("video_pixel_values", videos.get("video_features"))
+                if video is None or video.shape[0] != batch_size:
+                    raise ValueError(f"the bound video does not match the batch of {batch_size} rows")
+                rows = videos.get("video_cross_attention_mask")
+                if rows is not None:  # per position of the prompt, stored in the cache like the image mask
+                    videos = dict(videos, video_cross_attention_mask=rows[:, : cache.max_seq_len])
+                self._video_context(
+                    0 if rows is None else min(rows.shape[1], cache.max_seq_len), 0, cache, dict(videos)
+                )
             first = images["pixel_values"] if images["pixel_values"] is not None else images["image_features"]
+            if first is None and videos:
+                return cache  # a video, no image
             if first is None or first.shape[0] != batch_size:
                 raise ValueError(f"bound images do not match the batch of {batch_size} rows")
             tokens = self.encode_images(**images)
@@ -330,14 +447,24 @@ def generate_with_images(
     stop_ids: Sequence[int] | frozenset[int] = (),
     pad_id: int = 0,
     image_features: torch.Tensor | None = None,
+    **videos: torch.Tensor | None,  # the `video_*` inputs of `MultimodalLlama.forward`
 ) -> list[Completion]:
-    """`herd.text.generate` with images: every generated token sees what its prompt's last token saw."""
-    if cross_attention_mask is not None:
-        mask = cross_attention_mask.clone()
+    """`herd.text.generate` with images and/or a video: every generated token sees what its prompt's
+    last token saw."""
+
+    def past_prompt(mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.clone()
         for b, p in enumerate(prompts):  # positions past a row's prompt repeat its last row
             mask[b, len(p) :] = mask[b, len(p) - 1]
-        cross_attention_mask = mask
-    model.bind_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask, image_features)
+        return mask
+
+    if cross_attention_mask is not None:
+        cross_attention_mask = past_prompt(cross_attention_mask)
+    if videos.get("video_cross_attention_mask") is not None:
+        videos["video_cross_attention_mask"] = past_prompt(videos["video_cross_attention_mask"])
+    model.bind_images(
+        pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask, image_features, **videos
+    )
     try:
         return generate(model, prompts, params, stop_ids, pad_id)
     finally:

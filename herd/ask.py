@@ -67,3 +67,48 @@ class VisionQA:
             xmask, SamplingParams(max_new_tokens=max_new_tokens), stop_ids=tok.stop_ids, pad_id=pad,
         )  # fmt: skip
         return [tok.decode(c.tokens).strip() for c in done]
+
+
+class VideoQA:
+    """Answers questions about videos with a frozen LLM + image adapter + trained video adapter
+    (a `herd train video` export, or the video quickstart's `video_model`)."""
+
+    def __init__(self, model: MultimodalLlama, tokenizer: Any, max_tiles: int, num_frames: int) -> None:
+        if model.video is None:
+            raise ValueError("this checkpoint has no video adapter: train one with `herd train video`")
+        self.model, self.tokenizer, self.num_frames = model.eval(), tokenizer, num_frames
+        self.transform = ImageTransform(tile_size=model.vision.args.image_size, max_tiles=max_tiles)
+        self.video_id = model.args.vocab_size + 1  # `<|video|>` (see herd.tasks.video)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", num_frames: int | None = None) -> VideoQA:
+        """`num_frames` default: what the model was trained with (vision.json's video.num_frames), else
+        the resampler's frames per group."""
+        model, tokenizer, config = load_multimodal_model(path, device)
+        if model.video is None:
+            raise ValueError(f"{path}: has no video adapter: train one with `herd train video`")
+        frames = num_frames or config["video"].get("num_frames") or model.video.args.frames_per_group
+        return cls(model, tokenizer, config["max_tiles"], int(frames))
+
+    def read(self, path: str | Path, backend: str = "auto") -> Any:
+        """`num_frames` frames sampled uniformly over the video at `path` (`VideoReadError` names it)."""
+        from herd.vision.video import read_frames
+
+        return read_frames(path, self.num_frames, backend)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def ask(self, videos: list[Any], questions: list[str], max_new_tokens: int = 16) -> list[str]:
+        """One answer per (video, question) pair, as one batch; `videos` are `VideoFrames` (`read`)."""
+        from herd.vision.video import collate_videos, video_tiles
+
+        if len(videos) != len(questions):
+            raise ValueError(f"{len(videos)} videos but {len(questions)} questions")
+        tok = self.tokenizer
+        prompts = [[tok.bos_id, self.video_id, *tok.encode(qa_prompt(q))] for q in questions]
+        batch = collate_videos([video_tiles(v, self.transform) for v in videos], self.num_frames)
+        pad = tok.pad_id if tok.pad_id >= 0 else 0
+        done = generate_with_images(
+            self.model, prompts, params=SamplingParams(max_new_tokens=max_new_tokens), stop_ids=tok.stop_ids,
+            pad_id=pad, **batch,
+        )  # fmt: skip
+        return [tok.decode(c.tokens).strip() for c in done]

@@ -164,6 +164,30 @@ class VisionConfig:
 
 
 @dataclass
+class VideoConfig:
+    """Video adapter training (`herd train video`, paper §7.2.3 and §7.4.3): a perceiver resampler and
+    video cross-attention layers added to a trained image model, everything else frozen."""
+
+    init_from: str | None = None  # an image-adapter checkpoint (`herd train vision` export, vision.json)
+    perceiver: str = (
+        "tiny"  # a preset of herd.adapters.perceiver (llama3_8b, llama3_70b, open_flamingo, tiny)
+    )
+    perceiver_args: dict[str, Any] = field(default_factory=dict)  # overrides; dim is the LLM's width
+    video_every: int = 4  # a video cross-attention layer before every Nth image cross-attention layer
+    num_frames: int = 16  # frames sampled uniformly over each video (paper: 16 pretraining, 64 SFT)
+    backend: Literal["auto", "decord", "pyav"] = "auto"  # frame reader: decord with a PyAV fallback
+    # the paper trains only the video-specific parameters; "adapter" also trains the image adapter
+    # (projector, image cross-attention) and "all" the image encoder too; the LLM stays frozen always
+    trainable: Literal["video", "adapter", "all"] = "video"
+    objective: Literal["qa", "caption", "mixed"] = "qa"
+    caption_every: int = 2
+    cache_frames: bool = False  # keep each decoded clip in memory (small datasets, e.g. the quickstart)
+    train_manifest: str | None = None  # jsonl: {"video": path, "question", "answer" | "caption", ...}
+    val_manifest: str | None = None
+    shards: str | None = None  # webdataset-style tar shards (key.mp4 + key.json) instead of train_manifest
+
+
+@dataclass
 class PostDataConfig:
     """The data of a post-training objective; the model starts from `model.init_from`."""
 
@@ -228,6 +252,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RewardModelConfig = field(default_factory=RewardModelConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)

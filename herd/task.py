@@ -192,6 +192,7 @@ def check_task(task: Any) -> Any:
 TASKS: dict[str, str] = {
     "text": "herd.tasks.text:TextPretrainTask",
     "vision": "herd.tasks.vision:VisionTask",
+    "video": "herd.tasks.video:VideoTask",
     "sft": "herd.tasks.sft:SFTTask",
     "rm": "herd.tasks.reward:RewardModelTask",
     "dpo": "herd.tasks.dpo:DPOTask",

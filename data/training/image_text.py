@@ -1,4 +1,5 @@
-"""Image-text training data: a jsonl manifest + image folder, or webdataset tar shards.
+"""Image-text training data: a jsonl manifest + image folder, or webdataset tar shards; and the
+media-agnostic machinery (`Media`, `MediaTextDataset`) that `video_text.VideoTextDataset` shares.
 
 Both formats become one list of `Record`s (text fields in memory, the image as a file or a byte range
 inside a tar), so shuffling, sharding and resuming are one mechanism and the two formats of the same
@@ -14,7 +15,12 @@ objective needs (`check`: e.g. a question and an answer for visual QA), and imag
 decoded (missing, truncated, not an image, absurdly large) are skipped and counted by reason in
 `dataset.skipped` (a `herd.data.records.SkipCounter`), which the training loop logs.
 
-Order and resumption (`ImageTextDataset`): epoch e is a permutation of all records seeded by (seed, e);
+One media hook generalises this to video (data/training/video_text.py): a `Media` names the field and
+the tar member extensions of the one file per sample, and a `MediaTextDataset` subclass decodes a
+`Record` into the sample's value and names the skip reason of a decoding error. Everything else
+(indexing, shuffling, sharding, skipping, resuming, writing shards) is this module's, once.
+
+Order and resumption (`MediaTextDataset`): epoch e is a permutation of all records seeded by (seed, e);
 round j of it gives data-parallel rank r the record at j·world_size + r. Every rank yields exactly one
 sample per round: when its record is unreadable it takes the next readable record of its own share
 instead (and remembers the bad one). Ranks therefore stay in lockstep, and the state (epoch, round)
@@ -31,7 +37,7 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch.utils.data
@@ -52,14 +58,30 @@ TEXT_MEMBERS = {"txt": "text", "text": "text", "caption": "caption"}  # tar memb
 
 
 @dataclass(frozen=True)
+class Media:
+    """The one file per sample that a dataset decodes beside its text fields."""
+
+    field: str  # the manifest key holding its path, and the sample key holding the decoded value
+    exts: tuple[str, ...]  # tar member extensions (with the dot) that hold it; the first such member wins
+    default_ext: str  # what `write_tar_shards` names a member whose file has none of `exts`
+
+
+IMAGE = Media("image", IMAGE_EXTS, ".jpg")
+
+
+@dataclass(frozen=True)
 class Record:
     key: str
     fields: dict[str, Any]  # text fields of the sample (caption, question, answer, …)
-    path: str  # image file, or the tar shard holding it
+    path: str  # media file (image, video), or the tar shard holding it
     offset: int = -1  # byte range inside the tar shard; -1 = the whole file at `path`
     size: int = -1
 
-    def image_bytes(self) -> bytes:
+    @property
+    def in_shard(self) -> bool:
+        return self.offset >= 0
+
+    def media_bytes(self) -> bytes:
         with open(self.path, "rb") as f:
             if self.offset < 0:
                 return f.read()
@@ -97,12 +119,13 @@ def index_jsonl(
     root: str | Path | None = None,
     skipped: SkipCounter | None = None,
     check: RecordCheck | None = None,
+    media: Media = IMAGE,
 ) -> list[Record]:
-    """Records of a jsonl manifest in line order; `image` paths are relative to `root` (default: the
-    manifest's folder). The manifest itself is read now; images are only opened when iterated."""
+    """Records of a jsonl manifest in line order; `image` (`media.field`) paths are relative to `root`
+    (default: the manifest's folder). The manifest itself is read now; media files only when iterated."""
     manifest = Path(manifest)
     if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest}: image-text manifest not found")
+        raise FileNotFoundError(f"{manifest}: {media.field}-text manifest not found")
     base = Path(root) if root is not None else manifest.parent
     skipped = skipped if skipped is not None else SkipCounter()
     records = []
@@ -111,15 +134,15 @@ def index_jsonl(
             skipped.add(item.bad or "bad_record", item.where)
             continue
         rec = dict(item.record)
-        image = rec.pop("image", None)
-        if not isinstance(image, str) or not image:
-            skipped.add("no_image_field", item.where)
+        file = rec.pop(media.field, None)
+        if not isinstance(file, str) or not file:
+            skipped.add(f"no_{media.field}_field", item.where)
             continue
         if check is not None and (reason := check(rec)) is not None:
             skipped.add(reason, item.where)
             continue
-        key = str(rec.pop("id", image))
-        records.append(Record(key, rec, str(base / image)))
+        key = str(rec.pop("id", file))
+        records.append(Record(key, rec, str(base / file)))
     return records
 
 
@@ -147,14 +170,19 @@ def _shard_groups(tf: tarfile.TarFile) -> Iterator[tuple[str, list[tarfile.TarIn
 
 
 def _shard_record(
-    tf: tarfile.TarFile, path: str, key: str, members: list[tarfile.TarInfo], skipped: SkipCounter
+    tf: tarfile.TarFile,
+    path: str,
+    key: str,
+    members: list[tarfile.TarInfo],
+    skipped: SkipCounter,
+    media: Media = IMAGE,
 ) -> Record | None:
     fields: dict[str, Any] = {}
-    image: tuple[int, int] | None = None
+    found: tuple[int, int] | None = None
     for m in members:
         ext = split_key(m.name)[1].rsplit(".", 1)[-1]
-        if f".{ext}" in IMAGE_EXTS:
-            image = image or (m.offset_data, m.size)  # the first image member is the sample's image
+        if f".{ext}" in media.exts:
+            found = found or (m.offset_data, m.size)  # the first media member is the sample's
         elif ext == "json" or ext in TEXT_MEMBERS:
             raw = tf.extractfile(m).read()  # type: ignore[union-attr]
             try:
@@ -167,20 +195,22 @@ def _shard_record(
             except ValueError:  # bad JSON and bad UTF-8 are both ValueErrors
                 skipped.add("bad_text_member", f"{path}#{m.name}")
                 return None
-    if image is None:
-        skipped.add("no_image", f"{path}#{key}")
+    if found is None:
+        skipped.add(f"no_{media.field}", f"{path}#{key}")
         return None
     # An explicit id (write_tar_shards stores the manifest's) names the sample as the manifest did.
-    return Record(str(fields.pop("id", key)), fields, path, *image)
+    return Record(str(fields.pop("id", key)), fields, path, *found)
 
 
-def _index_shard(path: str, records: list[Record], skipped: SkipCounter, check: RecordCheck | None) -> None:
+def _index_shard(
+    path: str, records: list[Record], skipped: SkipCounter, check: RecordCheck | None, media: Media
+) -> None:
     opened = False
     try:
         with tarfile.open(path, mode="r:") as tf:  # "r:" refuses compressed tars: reading by offset needs raw
             opened = True
             for key, members in _shard_groups(tf):
-                if (rec := _shard_record(tf, path, key, members, skipped)) is None:
+                if (rec := _shard_record(tf, path, key, members, skipped, media)) is None:
                     continue
                 if check is not None and (reason := check(rec.fields)) is not None:
                     skipped.add(reason, f"{path}#{key}")
@@ -192,19 +222,25 @@ def _index_shard(path: str, records: list[Record], skipped: SkipCounter, check: 
 
 
 def index_tar_shards(
-    paths: Iterable[str | Path], skipped: SkipCounter | None = None, check: RecordCheck | None = None
+    paths: Iterable[str | Path],
+    skipped: SkipCounter | None = None,
+    check: RecordCheck | None = None,
+    media: Media = IMAGE,
 ) -> list[Record]:
     """Records of webdataset shards (sorted by path), from a scan of the tar headers plus the small
-    text members; image bytes are not read. A shard cut short keeps the samples before the cut."""
+    text members; media bytes are not read. A shard cut short keeps the samples before the cut."""
     skipped = skipped if skipped is not None else SkipCounter()
     records: list[Record] = []
     for path in sorted(str(p) for p in paths):
-        _index_shard(path, records, skipped, check)
+        _index_shard(path, records, skipped, check, media)
     return records
 
 
-class ImageTextDataset(torch.utils.data.IterableDataset):
-    """Shuffled, rank-sharded, resumable stream of `{"key", "image": PIL RGB, **text fields}`.
+class MediaTextDataset(torch.utils.data.IterableDataset):
+    """Shuffled, rank-sharded, resumable stream of `{"key", **text fields, media.field: decoded value}`.
+
+    A subclass sets `media` and implements `_decode` (a `Record` → the value; raises on a bad file) and
+    `_failure_reason` (that exception → the reason it is counted under).
 
     `loop=True` runs forever (training); `loop=False` ends after the current epoch (the next `iter`
     starts the following one). `len()` is the number of samples a rank gets per epoch. Under a
@@ -241,15 +277,16 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
     @classmethod
     def from_jsonl(
         cls, manifest: str | Path, root: str | Path | None = None, check: RecordCheck | None = None, **kw: Any
-    ) -> ImageTextDataset:
-        """`check`: fields → skip reason (or None), e.g. the vision task's "needs a question and answer"."""
+    ) -> Any:  # an instance of cls
+        """`check`: fields → skip reason (or None), e.g. the vision task's "needs a question and answer";
+        `kw`: the constructor's other arguments."""
         skipped = SkipCounter()
-        return cls(index_jsonl(manifest, root, skipped, check), skipped=skipped, **kw)
+        return cls(index_jsonl(manifest, root, skipped, check, cls.media), skipped=skipped, **kw)
 
     @classmethod
     def from_tar_shards(
         cls, paths: str | Path | Iterable[str | Path], check: RecordCheck | None = None, **kw: Any
-    ) -> ImageTextDataset:
+    ) -> Any:  # an instance of cls
         """`paths`: shard files, a folder (all its `*.tar`) or a glob pattern ("shards/*.tar")."""
         if isinstance(paths, str | Path):
             if Path(paths).is_dir():
@@ -257,7 +294,7 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
             else:
                 paths = sorted(glob.glob(str(paths))) if any(c in str(paths) for c in "*?[") else [paths]
         skipped = SkipCounter()
-        return cls(index_tar_shards(paths, skipped, check), skipped=skipped, **kw)
+        return cls(index_tar_shards(paths, skipped, check, cls.media), skipped=skipped, **kw)
 
     def __len__(self) -> int:
         return self.rounds
@@ -271,16 +308,24 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
             self._order_epoch = epoch
         return self._order
 
+    media: ClassVar[Media]
+
+    def _decode(self, rec: Record) -> Any:
+        raise NotImplementedError
+
+    def _failure_reason(self, err: BaseException) -> str:
+        raise NotImplementedError
+
     def _load(self, index: int) -> dict[str, Any] | None:
         rec = self.records[index]
         try:
-            image = decode_image(rec.image_bytes())
+            value = self._decode(rec)
         # Decoders raise many types (OSError, SyntaxError, ValueError, …); none may stop a run.
         except Exception as err:
             self._bad.add(index)
-            self.skipped.add(_failure_reason(err), f"{rec.path}#{rec.key}: {type(err).__name__}: {err}")
+            self.skipped.add(self._failure_reason(err), f"{rec.path}#{rec.key}: {type(err).__name__}: {err}")
             return None
-        return {"key": rec.key, **rec.fields, "image": image}
+        return {"key": rec.key, **rec.fields, self.media.field: value}
 
     def _sample_for_round(self, epoch: int, round_: int) -> dict[str, Any]:
         mine = self._mine(epoch)
@@ -289,7 +334,7 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
             if index not in self._bad and (sample := self._load(index)) is not None:
                 return sample
         raise NoUsableRecords(
-            f"no readable image among the {self.rounds} records of data rank {self.rank}: nothing usable is "
+            f"no readable {self.media.field} among the {self.rounds} records of data rank {self.rank}: nothing usable is "
             f"left ({self.skipped.summary()})"
         )
 
@@ -330,21 +375,35 @@ class ImageTextDataset(torch.utils.data.IterableDataset):
         self.position = position * int(state["world_size"]) // self.world_size
 
 
+class ImageTextDataset(MediaTextDataset):
+    """Shuffled, rank-sharded, resumable stream of `{"key", "image": PIL RGB, **text fields}` (the
+    behaviour is `MediaTextDataset`'s; unreadable images count as missing_file, not_an_image, …)."""
+
+    media = IMAGE
+
+    def _decode(self, rec: Record) -> Image.Image:
+        return decode_image(rec.media_bytes())
+
+    def _failure_reason(self, err: BaseException) -> str:
+        return _failure_reason(err)
+
+
 def write_tar_shards(
     manifest: str | Path,
     out_dir: str | Path,
     samples_per_shard: int = 1000,
     root: str | Path | None = None,
     prefix: str = "shard",
+    media: Media = IMAGE,
 ) -> list[Path]:
-    """Copy a manifest + image folder into webdataset shards `{prefix}-000000.tar`, … in manifest order.
+    """Copy a manifest + media folder into webdataset shards `{prefix}-000000.tar`, … in manifest order.
 
-    Image bytes are copied as they are (no re-encode, so a bad image stays bad and is counted by the
-    reader exactly as for the manifest); the other fields go to `key.json`. Records whose image file is
+    Media bytes are copied as they are (no re-encode, so a bad file stays bad and is counted by the
+    reader exactly as for the manifest); the other fields go to `key.json`. Records whose media file is
     missing are left out. Shards are written atomically and reproducibly (fixed mtime and owner).
     """
     out = Path(out_dir)
-    records = index_jsonl(manifest, root)
+    records = index_jsonl(manifest, root, media=media)
     written: list[Path] = []
     for first in range(0, len(records), samples_per_shard):
         path = out / f"{prefix}-{len(written):06d}.tar"
@@ -355,12 +414,12 @@ def write_tar_shards(
             for i, rec in enumerate(records[first : first + samples_per_shard], start=first):
                 if not Path(rec.path).is_file():
                     continue
-                # The reader decodes by content; the extension only marks which member is the image.
+                # The reader decodes by content; the extension only marks which member is the media.
                 ext = Path(rec.path).suffix.lower()
-                ext = ext if ext in IMAGE_EXTS else ".jpg"
+                ext = ext if ext in media.exts else media.default_ext
                 key = f"{i:09d}"
                 for name, data in (
-                    (key + ext, rec.image_bytes()),
+                    (key + ext, rec.media_bytes()),
                     (key + ".json", dumps({"id": rec.key, **rec.fields}).encode()),
                 ):
                     info = tarfile.TarInfo(name)

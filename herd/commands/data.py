@@ -6,11 +6,12 @@
     herd data filter-text --input runs/dedup_text/part-*.jsonl --out runs/filtered --dirty-words words.txt
     herd data filter-clip --manifest pairs.jsonl --model ViT-B-32 --pretrained vit.pt --threshold 0.2 --out c
     herd data resample --captions pairs.jsonl --vocab-texts titles.txt --threshold 20000 --out runs/rs
+    herd data filter-videos --manifest videos.jsonl --threshold 0.02 --out runs/motion
 
 Library functions: `herd.data.training.text_sources.tokenize_corpus`, and in `herd.data.curation`:
 `image_dedup.dedup_images`, `text_dedup.dedup_text`, `text_filters.filter_text`, `clip_filter.filter_clip`,
-`ngram_resample.resample_jsonl`. Heavy libraries (torch, faiss, open_clip, datasketch, pyarrow) are
-imported inside the commands, after a check that says which extra to install.
+`ngram_resample.resample_jsonl`, `motion.filter_videos`. Heavy libraries (torch, faiss, open_clip,
+datasketch, pyarrow, av) are imported inside the commands, after a check that says which extra to install.
 """
 
 from __future__ import annotations
@@ -348,8 +349,56 @@ def _add_caption_commands(group: Any) -> None:
     p.add_argument("--keep-unmatched", action="store_true", help="keep captions with no vocabulary n-gram")
 
 
+# ---------------------------------------------------------------------------------------- filter-videos
+def cmd_filter_videos(args: argparse.Namespace) -> int:
+    """`herd.data.curation.motion.filter_videos`: drop videos whose motion score is below a threshold."""
+    require("av", hint="pip install 'herd[video]'")
+    from herd.data.curation.motion import filter_videos
+
+    report = filter_videos(
+        args.out, args.threshold, manifest=args.manifest, videos=args.videos, num_frames=args.num_frames,
+        backend=args.backend, bins=args.bins,
+    )  # fmt: skip
+    return print_summary(
+        report, ("videos", "kept", "removed", "bad_files", "bad_records", "score", "histogram_png")
+    )
+
+
+def _add_filter_videos(group: Any) -> None:
+    p = add_command(
+        group,
+        "filter-videos",
+        cmd_filter_videos,
+        help="drop low-motion videos (motion score: mean |frame difference| of sampled frames, §7.1)",
+        description="Score each video by the mean absolute difference between consecutive uniformly sampled "
+        "grayscale frames (in [0, 1]; static ≈ 0), keep those at or above --threshold; writes kept.jsonl, "
+        "removed.jsonl, report.json and motion_hist.png to --out (docs/video.md).",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", metavar="FILE.jsonl", help='lines {"video": relpath, …}')
+    src.add_argument(
+        "--videos",
+        nargs="+",
+        metavar="PATH",
+        help="video files, or folders (their .mp4/.webm/.mkv/.avi/.mov)",
+    )
+    p.add_argument("--threshold", type=float, required=True, help="minimum motion score, in [0, 1]")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--num-frames", type=int, default=16, help="frames sampled uniformly per video")
+    p.add_argument("--backend", choices=["auto", "decord", "pyav"], default="auto")
+    p.add_argument("--bins", type=int, default=20, help="histogram bins")
+
+
 def register(sub: Any) -> None:
     """Add the `data` family to the top-level subparsers."""
-    group = add_group(sub, "data", "tokenize corpora; dedup and filter text and images; resample captions")
-    for add in (_add_tokenize, _add_dedup_images, _add_text_commands, _add_caption_commands):
+    group = add_group(
+        sub, "data", "tokenize corpora; dedup and filter text and images; resample captions; filter videos"
+    )
+    for add in (
+        _add_tokenize,
+        _add_dedup_images,
+        _add_text_commands,
+        _add_caption_commands,
+        _add_filter_videos,
+    ):
         add(group)

@@ -64,9 +64,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    """`herd.ask.VisionQA.ask`: one "image<TAB>question<TAB>answer" line per image."""
+    """`herd.ask.VisionQA.ask` / `VideoQA.ask`: one "file<TAB>question<TAB>answer" line per image or video."""
     from herd.ask import VisionQA, read_image
 
+    if bool(args.image) == bool(args.video):
+        raise UsageError("give --image or --video (repeatable), not both and not neither")
+    if args.video:
+        return _ask_videos(args)
     if len(args.question) not in (1, len(args.image)):
         raise UsageError(
             f"{len(args.question)} --question for {len(args.image)} --image: give one, or one each"
@@ -75,6 +79,21 @@ def cmd_ask(args: argparse.Namespace) -> int:
     qa = VisionQA.load(args.model, device=args.device)
     questions = args.question if len(args.question) == len(images) else args.question * len(images)
     for path, question, answer in zip(args.image, questions, qa.ask(images, questions, args.max_new_tokens)):
+        print(f"{path}\t{question}\t{answer}")
+    return 0
+
+
+def _ask_videos(args: argparse.Namespace) -> int:
+    from herd.ask import VideoQA
+
+    if len(args.question) not in (1, len(args.video)):
+        raise UsageError(
+            f"{len(args.question)} --question for {len(args.video)} --video: give one, or one each"
+        )
+    qa = VideoQA.load(args.model, device=args.device, num_frames=args.frames)
+    videos = [qa.read(path) for path in args.video]  # VideoReadError names the file and the reason
+    questions = args.question if len(args.question) == len(videos) else args.question * len(videos)
+    for path, question, answer in zip(args.video, questions, qa.ask(videos, questions, args.max_new_tokens)):
         print(f"{path}\t{question}\t{answer}")
     return 0
 
@@ -103,10 +122,17 @@ def register(sub: Any) -> None:
     p.add_argument("--message", action="append", help="scripted user turns instead of an interactive prompt")
 
     p = add_command(
-        sub, "ask", cmd_ask, help="answer questions about images with a trained vision checkpoint"
+        sub,
+        "ask",
+        cmd_ask,
+        help="answer questions about images or videos with a trained vision/video checkpoint",
     )
     p.add_argument("--model", required=True, help="vision checkpoint folder (herd train vision / quickstart)")
-    p.add_argument("--image", action="append", required=True, help="repeatable; images are batched")
-    p.add_argument("--question", action="append", required=True, help="one per image, or one for all")
+    p.add_argument("--image", action="append", default=[], help="repeatable; images are batched")
+    p.add_argument(
+        "--video", action="append", default=[], help="repeatable; videos are batched (a video model)"
+    )
+    p.add_argument("--frames", type=int, default=None, help="frames per video (default: as trained)")
+    p.add_argument("--question", action="append", required=True, help="one per image/video, or one for all")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-new-tokens", type=int, default=16)

@@ -19,6 +19,11 @@ from herd.commands.registry import add_command
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """`herd.quickstart.run_quickstart`: tiny text model, then a vision adapter on it, with a report."""
+    if args.modality == "video":  # on the image quickstart's model (runs it first when missing)
+        from herd.quickstart_video import run_video_quickstart
+
+        run_video_quickstart(out=args.out, overrides=args.overrides, seed=args.seed)
+        return 0
     from herd.quickstart import run_quickstart
 
     vision = [f"--train.steps={args.vision_steps}"] if args.vision_steps else []
@@ -50,6 +55,14 @@ def register(sub: Any) -> None:
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--config", default=None, help="default: configs/quickstart.toml")
     p.add_argument("--vision-steps", type=int, default=None, help="default: configs/quickstart_vision.toml")
+    p.add_argument(
+        "--modality",
+        choices=["image", "video"],
+        default="image",
+        help="image (default): text + image stages; video: a video adapter on the image stage's model "
+        "(configs/quickstart_video.toml; overrides apply to the video stage)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="video: the generated clips' seed")
 
     p = add_command(
         sub,

@@ -42,20 +42,36 @@ def encoder_blocks(model: nn.Module) -> list[str]:
     ]
 
 
+def video_blocks(model: nn.Module) -> dict[str, str]:
+    """key → FQN of the video cross-attention blocks (`herd.adapters.video`), none without video."""
+    video = getattr(model, "video", None)
+    if video is None:
+        return {}
+    return {key: f"video.cross_attention.{key}" for key in video.cross_attention}
+
+
 def decoder_items(model: nn.Module) -> list[tuple[str, str]]:
-    """("xattn" | "layer", key) in forward order: cross-attention k runs right before LLM layer k."""
+    """("vxattn" | "xattn" | "layer", key) in forward order: at key k the video cross-attention block,
+    then the image one, then LLM layer k."""
     keys = sorted(
-        [(int(k), 0, "xattn", k) for k in model.cross_attention]  # type: ignore[union-attr]
-        + [(int(k), 1, "layer", k) for k in model.llm.layers]  # type: ignore[union-attr]
+        [(int(k), 0, "vxattn", k) for k in video_blocks(model)]
+        + [(int(k), 1, "xattn", k) for k in model.cross_attention]  # type: ignore[union-attr]
+        + [(int(k), 2, "layer", k) for k in model.llm.layers]  # type: ignore[union-attr]
     )
     return [(kind, key) for _, _, kind, key in keys]
 
 
+UNIT_PREFIX = {"vxattn": "video.cross_attention", "xattn": "cross_attention", "layer": "llm.layers"}
+
+
 def blocks(model: nn.Module) -> list[str]:
-    """Every unit, in forward order: encoder blocks, then the LLM's and cross-attention blocks."""
+    """Every unit, in forward order: encoder blocks, the video resampler (with video), then the LLM's,
+    the image and the video cross-attention blocks."""
     out = encoder_blocks(model)
+    if getattr(model, "video", None) is not None:
+        out.append("video.resampler")
     for kind, key in decoder_items(model):
-        out.append(f"cross_attention.{key}" if kind == "xattn" else f"llm.layers.{key}")
+        out.append(f"{UNIT_PREFIX[kind]}.{key}")
     return out
 
 
@@ -116,6 +132,11 @@ def build_multimodal_stage(model: nn.Module, stage_id: int, n_stages: int, unit_
     if model.llm.args.tie_embeddings and n_stages > 1:
         raise ValueError(
             "tie_embeddings is not supported with pipeline parallelism (the head needs the embedding)"
+        )
+    if getattr(model, "video", None) is not None:
+        raise ValueError(
+            "pipeline parallelism is not supported for a model with a video adapter (herd train video runs "
+            "FSDP/HSDP and TP)"
         )
     units = pipeline_units(model)
     mine = [item for u in unit_ids for item in units[u]]
@@ -180,8 +201,11 @@ def apply_multimodal_tensor_parallel(
         return
     apply_tensor_parallel(llm, tp_mesh, sequence_parallel=True, split_at_embedding=False)
     layout = Replicate()  # of the residual stream where the forward has got to
+    video = model.video.cross_attention if model.video is not None else {}
     for key in [*llm.layers.keys(), str(llm.args.n_layers)]:  # the forward's order; n: after the last
-        if key in model.cross_attention:
+        for xattn in (video, model.cross_attention):  # at one key the video block runs first
+            if key not in xattn:
+                continue
             # CrossAttentionBlock.forward(h, kv, mask): gather h, run whole, keep this rank's slice
             gather_then_slice = PrepareModuleInputOutput(
                 input_layouts=(layout, None, None),
@@ -190,7 +214,7 @@ def apply_multimodal_tensor_parallel(
                 output_layouts=Replicate(),
                 desired_output_layouts=Shard(1),
             )
-            parallelize_module(model.cross_attention[key], tp_mesh, gather_then_slice)
+            parallelize_module(xattn[key], tp_mesh, gather_then_slice)
             layout = Shard(1)
         if key in llm.layers and layout != Shard(1):  # the first block: split the whole embedding
             split = PrepareModuleInput(
@@ -226,11 +250,10 @@ def _pad_sequence_to_multiple(model: MultimodalLlama, multiple: int) -> None:
                 f"{model.args.max_seq_len} (sequence parallelism splits the sequence evenly)"
             )
         inputs["tokens"] = F.pad(tokens, (0, extra), value=0)
-        mask = inputs.get("cross_attention_mask")  # (B, T, ...): padded rows see no image
-        if mask is not None:
-            inputs["cross_attention_mask"] = torch.cat(
-                [mask, mask.new_zeros(mask.shape[0], extra, *mask.shape[2:])], 1
-            )
+        for name in ("cross_attention_mask", "video_cross_attention_mask"):  # (B, T, ...): padded rows
+            mask = inputs.get(name)  # see no image and no video
+            if mask is not None:
+                inputs[name] = torch.cat([mask, mask.new_zeros(mask.shape[0], extra, *mask.shape[2:])], 1)
         docs = inputs.get("document_ids")  # (B, T): padded positions join the last document
         if docs is not None:
             inputs["document_ids"] = torch.cat([docs, docs[:, -1:].expand(-1, extra)], 1)
@@ -253,7 +276,8 @@ def _tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: b
 
 def image_kv_methods(model: nn.Module) -> list[tuple[str, str]]:
     """The cross-attention blocks compute their image keys/values in `image_kv`, outside `forward`."""
-    return [(f"cross_attention.{key}", "image_kv") for key in model.cross_attention]  # type: ignore[union-attr]
+    image = [(f"cross_attention.{key}", "image_kv") for key in model.cross_attention]  # type: ignore[union-attr]
+    return image + [(fqn, "image_kv") for fqn in video_blocks(model).values()]
 
 
 MULTIMODAL_PLAN = ParallelPlan(

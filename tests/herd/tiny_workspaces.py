@@ -40,3 +40,32 @@ def write_vision_workspace(root: Path, n_train: int, n_val: int) -> Path:
     write_shapes_dataset(root / "shapes", n_train=n_train, n_val=n_val, seed=0, image_size=56)
     write_tiny_llm(root / "llm", list(SHAPE_QA_WORDS), 64)
     return root
+
+
+VIDEO_QA_WORDS = (
+    "Is the red square going left or right? above or below? Which is there first, the red circle or the",
+    "blue square? What shape is the green object? a red triangle",
+)
+
+
+def write_video_workspace(root: Path, n_train: int, n_val: int) -> Path:
+    """`root/videos` (mp4 clips of moving shapes with questions), `root/llm` and `root/image_model`: a
+    seeded, untrained image adapter (tiny encoder, cross-attention before every layer) to start from."""
+    from herd.adapters.multimodal import MultimodalLlama
+    from herd.adapters.multimodal_io import save_multimodal_model
+    from herd.data.synthetic.video_qa import write_video_qa_dataset
+    from herd.text.loading import load_model
+    from herd.vision.encoder import VisionEncoder
+    from herd.vision.vision_args import get_vision_preset
+
+    write_video_qa_dataset(root / "videos", n_train=n_train, n_val=n_val, seed=0)
+    write_tiny_llm(root / "llm", [*SHAPE_QA_WORDS, *VIDEO_QA_WORDS], 64)
+    torch.manual_seed(1)
+    llm = load_model(root / "llm")
+    encoder = VisionEncoder(get_vision_preset("tiny", max_num_tiles=1, patch_size=7))
+    model = MultimodalLlama(llm, encoder, cross_attention_layers=[0, 1, 2])
+    for block in model.cross_attention.values():  # open gates: the image path is live, as after training
+        torch.nn.init.constant_(block.gate_attn, 0.5)
+        torch.nn.init.constant_(block.gate_ffwd, 0.5)
+    save_multimodal_model(model, root / "llm", 1, root / "image_model")
+    return root

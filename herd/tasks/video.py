@@ -1,0 +1,260 @@
+"""Video adapter training (paper §7.2.3, §7.4.3): the video task of the one training loop.
+
+A video model starts from a trained image model (`video.init_from`, a `herd train vision` export): its
+LLM, image encoder, projector and image cross-attention layers are loaded, a perceiver resampler and
+video cross-attention layers (gates at zero) are added, and, as in the paper, only these video-specific
+parameters train (`video.trainable = "video"`; "adapter" or "all" unfreeze the image adapter or the
+encoder too; the LLM never trains). Each sample is `<|begin_of_text|><|video|>` + prompt + target +
+`<|eot_id|>`, the loss on the target only; `<|video|>` is the second of the adapter's image-token
+embeddings (id vocab_size + 1), as `<|image|>` is the first.
+
+Frames: `video.num_frames` sampled uniformly over each video (`herd.vision.video.read_frames`), each
+frame through the image transform of the encoder; repeated or padded frames are masked from the
+resampler. Data: a jsonl manifest or webdataset shards (`herd.data.training.video_text`); a record
+without the fields the objective needs, or a video that cannot be read, is skipped and counted by
+reason. Layouts: FSDP/HSDP and TP (`herd.plans.multimodal` covers the video blocks); no pipeline or
+context parallelism.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from herd.adapters.multimodal import MultimodalLlama
+from herd.adapters.multimodal_io import WEIGHTS_FILE, read_multimodal_config, save_multimodal_state
+from herd.adapters.perceiver import get_perceiver_preset
+from herd.adapters.video import video_schedule
+from herd.config import DataConfig, VideoConfig
+from herd.data.records import IGNORE_INDEX, SkipCounter
+from herd.data.training.video_text import VideoTextDataset
+from herd.losses import causal_lm_loss
+from herd.plans.multimodal import MULTIMODAL_PLAN
+from herd.task import LossOutput, TaskBase
+from herd.tasks.vision import VisionBatches, missing_fields, qa_prompt
+from herd.text.loading import load_checkpoint
+from herd.text.model import Llama
+from herd.vision.encoder import VisionEncoder
+from herd.vision.tiling import ImageTransform
+from herd.vision.video import collate_videos, video_tiles
+from herd.vision.vision_args import VisionArgs
+
+
+def vision_args_from(config: dict[str, Any]) -> VisionArgs:
+    args = dict(config["vision_args"])
+    args["aspect_ratios"] = [tuple(r) for r in args.get("aspect_ratios") or []] or None
+    return VisionArgs(**args)
+
+
+class CachedVideoTextDataset(VideoTextDataset):
+    """Decodes each clip once and keeps its sampled frames in memory (`video.cache_frames`): for data
+    that fits in RAM and is read for many epochs, such as the quickstart's (3,000 clips, ~220 MB)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._frames: dict[tuple[str, int], Any] = {}
+
+    def _decode(self, rec: Any) -> Any:
+        key = (rec.path, rec.offset)
+        if key not in self._frames:
+            self._frames[key] = super()._decode(rec)
+        return self._frames[key]
+
+
+class VideoTask(TaskBase):
+    """`herd train video`. Config sections: `[video]` (the image model to start from, the resampler,
+    frames, objective and data) and `[data]` (batch size, seed)."""
+
+    name = "video"
+    layouts = frozenset({"fsdp", "hsdp", "tp"})
+    plan = MULTIMODAL_PLAN
+    sections = ("video", "data")
+
+    def __init__(self, video: VideoConfig, data: DataConfig, tokenizer: Any | None = None) -> None:
+        v = video
+        if not v.init_from:
+            raise ValueError("video.init_from: the image-adapter checkpoint to start from is required")
+        if not (v.train_manifest or v.shards):
+            raise ValueError("video.train_manifest or video.shards is required")
+        if v.num_frames < 1 or v.video_every < 1 or v.caption_every < 1:
+            raise ValueError("video.num_frames, video.video_every and video.caption_every must be ≥ 1")
+        self.video, self.data = video, data
+        self.image_config = read_multimodal_config(v.init_from)
+        if self.image_config.get("video") is not None:
+            raise ValueError(
+                f"{v.init_from}: already has a video adapter; video.init_from takes an image model"
+            )
+        self.llm_path = self.image_config["llm"]
+        self.llm_args, self._llm_state = load_checkpoint(self.llm_path)
+        if tokenizer is None:
+            from herd.text.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(self.llm_path, vocab_size=self.llm_args.vocab_size)
+        self.tokenizer = tokenizer
+        self.model_args = self.llm_args
+        self.vision_args = vision_args_from(self.image_config)
+        self.max_tiles = int(self.image_config["max_tiles"])
+        self.cross_attention_layers = [int(i) for i in self.image_config["cross_attention_layers"]]
+        try:
+            self.perceiver_args = get_perceiver_preset(
+                v.perceiver, **{"dim": self.llm_args.dim, **v.perceiver_args}
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"video.perceiver / video.perceiver_args: {e}") from e
+        if self.perceiver_args.num_groups(v.num_frames) > self.perceiver_args.max_groups:
+            raise ValueError(
+                f"video.num_frames={v.num_frames} needs {self.perceiver_args.num_groups(v.num_frames)} groups of "
+                f"{self.perceiver_args.frames_per_group}; the resampler has {self.perceiver_args.max_groups}"
+            )
+        self.video_layers = video_schedule(self.cross_attention_layers, v.video_every)
+        self.transform = ImageTransform(tile_size=self.vision_args.image_size, max_tiles=self.max_tiles)
+        self.video_id = self.llm_args.vocab_size + 1  # `<|video|>`: the adapter's second image-token row
+        self.eot_id = tokenizer.special_tokens["<|eot_id|>"]
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else self.eot_id
+        self.check_record = missing_fields(v.objective)
+        self._skipped: dict[str, SkipCounter] = {}
+
+    # --- model ----------------------------------------------------------------------------------------
+    def _new_model(self) -> MultimodalLlama:
+        return MultimodalLlama(
+            Llama(self.llm_args),
+            VisionEncoder(self.vision_args),
+            cross_attention_layers=self.cross_attention_layers,
+            video=self.perceiver_args,
+            video_every=self.video.video_every,
+        )
+
+    def build_model(self) -> nn.Module:
+        with torch.device("meta"):
+            model = self._new_model()
+        self.freeze(model)  # here, not only in init_weights: a distributed run copies weights, not flags
+        return model
+
+    def init_weights(self, model: nn.Module) -> None:
+        """The image model's weights from `init_from` and the LLM from its checkpoint; the video adapter
+        as its constructor initialises it (seeded: every rank draws the same). Then the freezing rule."""
+        from safetensors.torch import load_file
+
+        reference = self._new_model()
+        state = reference.state_dict()
+        image = load_file(str(Path(self.video.init_from) / WEIGHTS_FILE))  # type: ignore[arg-type]
+        unknown = sorted(set(image) - set(state))
+        if unknown:
+            raise ValueError(f"{self.video.init_from}/{WEIGHTS_FILE}: unexpected weights {unknown[:5]}")
+        state.update(image)
+        state.update({f"llm.{k}": v for k, v in self._llm_state.items()})
+        model.load_state_dict(state, strict=True)
+        self.freeze(model)
+
+    def freeze(self, model: nn.Module) -> None:
+        """`video.trainable`: video = the resampler and video cross-attention only (the paper);
+        adapter = also projector, image cross-attention and image-token rows; all = also the encoder."""
+        keep = {"video": ("video.",),
+                "adapter": ("video.", "projector.", "cross_attention.", "image_token_embeddings."),
+                "all": ("video.", "projector.", "cross_attention.", "image_token_embeddings.", "vision.")}  # fmt: skip
+        prefixes = keep[self.video.trainable]
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(prefixes))
+
+    # --- data -----------------------------------------------------------------------------------------
+    def target_text(self, sample: dict[str, Any], row: int = 0) -> tuple[str, str]:
+        objective = self.video.objective
+        if objective == "mixed":
+            has_caption = bool(sample.get("caption") or sample.get("text"))
+            caption_row = row % self.video.caption_every == 0
+            objective = "caption" if (caption_row and has_caption) or not sample.get("question") else "qa"
+        if objective == "caption":
+            return "", str(sample.get("caption") or sample["text"])
+        return qa_prompt(sample["question"]), f" {sample.get('response') or sample['answer']}"
+
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        return [self.tokenizer.bos_id, self.video_id, *self.tokenizer.encode(prompt)]
+
+    def video_inputs(self, videos: list[Any]) -> dict[str, torch.Tensor]:
+        """`VideoFrames` of a batch → the model's `video_*` inputs (`collate_videos`)."""
+        return collate_videos([video_tiles(v, self.transform) for v in videos], self.video.num_frames)
+
+    def encode(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        rows, label_rows = [], []
+        for row, s in enumerate(samples):
+            prompt, target = self.target_text(s, row)
+            head = self.prompt_tokens(prompt)
+            tail = [*self.tokenizer.encode(target), self.eot_id]
+            seq = head + tail
+            rows.append(seq[:-1])
+            label_rows.append([IGNORE_INDEX] * (len(head) - 1) + tail)  # predict the target tokens only
+        T = max(map(len, rows))
+        tokens = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+        for i, (r, lab) in enumerate(zip(rows, label_rows)):
+            tokens[i, : len(r)] = torch.tensor(r)
+            labels[i, : len(lab)] = torch.tensor(lab)
+        return {"tokens": tokens, "labels": labels, **self.video_inputs([s["video"] for s in samples])}
+
+    def dataset(self, split: str, rank: int = 0, world_size: int = 1, loop: bool = True) -> VideoTextDataset:
+        v = self.video
+        kw = {"rank": rank, "world_size": world_size, "seed": self.data.seed, "loop": loop, "shuffle": loop,
+              "check": self.check_record, "num_frames": v.num_frames, "backend": v.backend}  # fmt: skip
+        kind = CachedVideoTextDataset if v.cache_frames and split == "train" else VideoTextDataset
+        if split == "val":
+            data = kind.from_jsonl(v.val_manifest, **kw)
+        elif v.shards:
+            data = kind.from_tar_shards(v.shards, **kw)
+        else:
+            data = kind.from_jsonl(v.train_manifest, **kw)
+        self._skipped[split] = data.skipped
+        return data
+
+    def skip_counts(self) -> dict[str, SkipCounter]:
+        return dict(self._skipped)
+
+    def train_batches(self, rank: int, world_size: int) -> VisionBatches:
+        self.train_data = self.dataset("train", rank, world_size)
+        return VisionBatches(self.train_data, self.data.batch_size // world_size, self.encode)
+
+    def val_batches(self):
+        if not self.video.val_manifest:
+            return None
+        data, b = self.dataset("val", loop=False), self.data.batch_size
+        batch: list[dict[str, Any]] = []
+        for sample in data:
+            batch.append(sample)
+            if len(batch) == b:
+                yield self.encode(batch)
+                batch = []
+        if batch:  # the last, ragged batch counts too
+            yield self.encode(batch)
+
+    def num_targets(self, batch: dict[str, Any]) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def inputs(self, batch: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        keys = ("video_pixel_values", "video_aspect_ratio_ids", "video_aspect_ratio_mask", "video_frame_mask")
+        return (batch["tokens"],), {k: batch[k] for k in keys}
+
+    def loss_from_output(self, logits: torch.Tensor, batch: dict[str, Any]) -> LossOutput:
+        loss_sum, n = causal_lm_loss(logits, batch["labels"])  # logits (B, T, V)
+        return LossOutput(loss_sum, n)
+
+    def export(
+        self, state_dict: dict[str, torch.Tensor], out_dir: str | Path, fmt: str = "meta"
+    ) -> Path | None:
+        """The image adapter (as it was, or as trained with trainable="adapter"/"all") and the video
+        adapter in herd's multimodal layout (`vision.json` with a "video" entry), which `herd ask --video`
+        loads; the LLM is referenced by path. Any `checkpoint.export_format` but "none" writes it."""
+        if fmt == "none":
+            return None
+        video = {"perceiver_args": self.perceiver_args, "cross_attention_layers": self.video_layers,
+                 "num_frames": self.video.num_frames}  # fmt: skip
+        return save_multimodal_state(
+            state_dict,
+            self.vision_args,
+            self.cross_attention_layers,
+            self.llm_path,
+            self.max_tiles,
+            out_dir,
+            video,
+        )
