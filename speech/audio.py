@@ -6,7 +6,7 @@
 Decoders: soundfile (libsndfile ships inside its wheel: WAV, FLAC, OGG/Vorbis, Opus, MP3, AIFF, ...) first;
 PyAV (FFmpeg's libraries ship inside its wheel: m4a/AAC, webm, video containers, ...) for what soundfile
 cannot read. torchaudio's own `load` is not used: from 2.9 on it needs torchcodec and a system FFmpeg.
-Channels are averaged to mono; the rate is converted with `torchaudio.functional.resample` (windowed
+Channels are averaged to mono; the rate is converted with `torchaudio.transforms.Resample` (windowed
 sinc, its defaults) whichever decoder read the file.
 
 Every failure is an `AudioError` (a ValueError) whose message starts with the path and whose `reason` is
@@ -19,6 +19,7 @@ This is the I/O of `herd.speech`; the encoder modules (`features`, `conformer`, 
 
 from __future__ import annotations
 
+import functools
 from os import PathLike
 from pathlib import Path
 
@@ -116,10 +117,18 @@ def to_mono_16k(
     if x.dim() == 2:
         x = x.mean(dim=1)  # (N,)
     if rate != target_rate and x.numel():
-        from torchaudio.functional import resample
-
-        x = resample(x, rate, target_rate)
+        x = _resampler(rate, target_rate)(x)
     return x.contiguous()
+
+
+@functools.lru_cache(maxsize=16)
+def _resampler(rate: int, target_rate: int) -> torch.nn.Module:
+    """torchaudio's `Resample` (windowed sinc, its defaults), built once per pair of rates: its kernel takes
+    longer to build than to apply (measured 22,050 → 16,000 Hz on a 1.25 s clip: 221 ms per call of
+    `functional.resample`, 69 ms with the kernel kept, on 2 busy cores)."""
+    from torchaudio.transforms import Resample
+
+    return Resample(rate, target_rate)
 
 
 def read_audio(

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from herd.data.synthetic.speech import (
     HELD_OUT_VOICES,
@@ -94,6 +95,7 @@ def test_the_spoken_dataset_holds_voices_out_and_reads_back(tmp_path):
     assert {r["voice"] for r in records["test"]} <= set(HELD_OUT_VOICES)
     for r in records["train"] + records["test"]:
         assert set(r["text"].split()) <= set(VOCABULARY) and 2 <= len(r["text"].split()) <= 5
+        assert sf.info(str(tmp_path / r["audio"])).samplerate == 16000  # resampled once, when written
         wave = read_audio(tmp_path / r["audio"])  # 16 kHz float, through the dataset's own reader
         assert abs(wave.numel() / 16000 - r["duration"]) < 0.01 and wave.abs().max() > 0.1
     # the same seed writes the same dataset, samples included
