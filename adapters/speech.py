@@ -159,17 +159,20 @@ class SpeechAdapter(nn.Module):
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.long, device=frames.device)
         real = torch.arange(T, device=frames.device)[None, :] < lengths[:, None]  # (B, T')
-        x = (frames * real[..., None].to(frames.dtype)).transpose(1, 2)  # (B, E, T'): padding → 0
+        # where, not a product: NaN or inf in the padding must not survive as NaN · 0
+        x = torch.where(real[..., None], frames, 0.0).transpose(1, 2)  # (B, E, T'): padding → 0
         h = self.conv(x.to(self.conv.weight.dtype)).transpose(1, 2)  # (B, T'', D)
         out_len = self.output_lengths(lengths)
         mask = torch.arange(h.shape[1], device=h.device)[None, :] < out_len[:, None]  # (B, T'')
-        key_mask = None if bool(mask.all()) else mask[:, None, None, :]
+        # a clip of no frames keeps its keys: a row with every key masked would make NaN in attention
+        keys = mask | ~mask.any(1, keepdim=True)
+        key_mask = None if bool(keys.all()) else keys[:, None, None, :]
         hd = self.args.head_dim
         inv_freq = 1.0 / (self.args.rope_theta ** (torch.arange(0, hd, 2, device=h.device).float() / hd))
         angles = torch.outer(torch.arange(h.shape[1], device=h.device, dtype=torch.float32), inv_freq)
         h = h + self.attention(self.attention_norm(h), (angles.cos(), angles.sin()), key_mask)
         h = h + self.feed_forward(self.ffn_norm(h))
-        return self.output(self.norm(h)) * mask[..., None].to(h.dtype)  # (B, T'', D_llm)
+        return torch.where(mask[..., None], self.output(self.norm(h)), 0.0)  # (B, T'', D_llm)
 
 
 @dataclass

@@ -59,7 +59,8 @@ def stack_frames(features: torch.Tensor, lengths: torch.Tensor, stack: int) -> t
     """(B, T, F) features → (B, ⌈T/stack⌉, stack·F): frames ≥ length are zeroed first, so what a padded
     frame holds never reaches a real stacked frame (a partial last group sees zeros)."""
     B, T, n = features.shape
-    x = features * frame_mask(lengths, T)[..., None].to(features.dtype)
+    # where, not a product: NaN or inf in the padding must not survive as NaN · 0
+    x = torch.where(frame_mask(lengths, T)[..., None], features, 0.0)
     x = F.pad(x, (0, 0, 0, -T % stack))  # (B, T'·stack, F)
     return x.reshape(B, -1, stack * n)  # (B, T', stack·F): frames t·4 .. t·4+3, concatenated in order
 
@@ -126,7 +127,7 @@ class ConvolutionModule(nn.Module):
         h = self.layer_norm(x).transpose(1, 2)  # (B, D, T')
         h = F.glu(self.pointwise_in(h), dim=1)  # (B, D, T')
         if mask is not None:
-            h = h * mask[:, None, :].to(h.dtype)  # the kernel must not carry padding into real frames
+            h = torch.where(mask[:, None, :], h, 0.0)  # the kernel must not carry padding into real frames
         h = F.silu(self.norm(self.depthwise(h)))
         return self.dropout(self.pointwise_out(h)).transpose(1, 2)  # (B, T', D)
 

@@ -75,6 +75,7 @@ def test_a_padded_batch_equals_each_clip_alone():
     garbage = frames.clone()
     for i, n in enumerate(lengths.tolist()):
         garbage[i, n:] = 100 * torch.randn(31 - n, 64)  # whatever the padding holds
+    garbage[2, -1] = float("nan")  # even NaN
     with torch.no_grad():
         batched = adapter(garbage, lengths)
         out_lengths = adapter.output_lengths(lengths).tolist()
@@ -84,7 +85,11 @@ def test_a_padded_batch_equals_each_clip_alone():
             assert alone.shape[0] == m
             worst = max(worst, (batched[i, :m] - alone).abs().max().item())
     print(f"padded batch vs alone: max |Δ| {worst:.2e}")
-    assert worst < 1e-5
+    assert worst < 1e-5 and not batched.isnan().any()
+    with torch.no_grad():  # a clip with no frames gives no output frame and no NaN in the others
+        empty = adapter(frames[:2], torch.tensor([0, 12]))
+    assert adapter.output_lengths(torch.tensor([0])).item() == 0 and not empty[0].any()
+    assert (empty[1, :6] - batched[1, :6]).abs().max() < 1e-5
 
 
 def test_splice_puts_each_clips_frames_at_its_placeholder():

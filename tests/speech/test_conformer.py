@@ -120,6 +120,7 @@ def test_padded_frames_change_no_real_output():
         garbage = feats.clone()
         for i, n in enumerate(lengths.tolist()):
             garbage[i, n:] = 1e3 * torch.randn(101 - n, 80)
+        garbage[1, -1] = float("nan")  # even NaN
         with_garbage = encoder(garbage, lengths)
         out_lengths = encoder.output_lengths(lengths).tolist()
         assert batched.shape == (3, 26, 64) and out_lengths == [26, 15, 20]
