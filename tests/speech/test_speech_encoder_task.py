@@ -174,3 +174,11 @@ def test_the_cli_trains_and_a_resumed_run_continues_bit_exactly(tones, tmp_path)
     step2 = tmp_path / "a" / "checkpoints" / "step-00000002"
     resumed = run_speech(tones[0], tmp_path / "b", [*common, f"--checkpoint.resume={step2}"])
     assert [loss for loss, _ in resumed] == [full[3], full[4]]
+
+
+def test_activation_checkpointing_of_the_plans_blocks_changes_no_number(tones, tmp_path):
+    plain = run_speech(tones[0], tmp_path / "a", ["--train.steps=2"])
+    checkpointed = run_speech(
+        tones[0], tmp_path / "b", ["--train.steps=2", "--parallel.activation_checkpoint=full"]
+    )
+    assert all(abs(a - b) < 1e-6 and abs(ga - gb) < 1e-6 for (a, ga), (b, gb) in zip(plain, checkpointed))
