@@ -181,4 +181,9 @@ def test_activation_checkpointing_of_the_plans_blocks_changes_no_number(tones, t
     checkpointed = run_speech(
         tones[0], tmp_path / "b", ["--train.steps=2", "--parallel.activation_checkpoint=full"]
     )
+    assert len(plain) == len(checkpointed) == 2
     assert all(abs(a - b) < 1e-6 and abs(ga - gb) < 1e-6 for (a, ga), (b, gb) in zip(plain, checkpointed))
+    ac = ["--train.steps=1", "--parallel.activation_checkpoint=full"]
+    cfg = load_config(CONFIG, overrides(tones[0], tmp_path / "c", *ac))
+    wrapped = train(cfg, build_task("speech-encoder", cfg), show_progress=False).model.encoder.layers
+    assert [type(m).__name__ for m in wrapped] == ["CheckpointWrapper"] * 2  # the plan's units, wrapped
