@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from herd.speech.conformer_args import SPEECH_PRESET_NAMES
 from herd.text.args import PRESET_NAMES
 from herd.vision.vision_args import VISION_PRESET_NAMES
 
@@ -169,9 +170,8 @@ class VideoConfig:
     video cross-attention layers added to a trained image model, everything else frozen."""
 
     init_from: str | None = None  # an image-adapter checkpoint (`herd train vision` export, vision.json)
-    perceiver: str = (
-        "tiny"  # a preset of herd.adapters.perceiver (llama3_8b, llama3_70b, open_flamingo, tiny)
-    )
+    # a preset of herd.adapters.perceiver: llama3_8b, llama3_70b, open_flamingo, tiny
+    perceiver: str = "tiny"
     perceiver_args: dict[str, Any] = field(default_factory=dict)  # overrides; dim is the LLM's width
     video_every: int = 4  # a video cross-attention layer before every Nth image cross-attention layer
     num_frames: int = 16  # frames sampled uniformly over each video (paper: 16 pretraining, 64 SFT)
@@ -185,6 +185,29 @@ class VideoConfig:
     train_manifest: str | None = None  # jsonl: {"video": path, "question", "answer" | "caption", ...}
     val_manifest: str | None = None
     shards: str | None = None  # webdataset-style tar shards (key.mp4 + key.json) instead of train_manifest
+
+
+@dataclass
+class SpeechConfig:
+    """Speech-encoder pretraining with BEST-RQ (`herd train speech-encoder`, paper §8.1.1)."""
+
+    encoder: Literal[*SPEECH_PRESET_NAMES] = "tiny"  # type: ignore[valid-type]
+    encoder_args: dict[str, Any] = field(default_factory=dict)  # ConformerArgs fields replacing the preset's
+    train_manifest: str | None = None  # jsonl: {"audio": path relative to the manifest, ...}
+    val_manifest: str | None = None
+    # the frozen random-projection quantizer: stacked frames → code_dim, nearest of codebook_size unit-norm
+    # codes by cosine, in each of num_codebooks codebooks (paper: 16 × 8192, 16 dims)
+    num_codebooks: int = 16
+    codebook_size: int = 8192
+    code_dim: int = 16
+    quantizer_seed: int = 0
+    # masking: each 10 ms frame starts a mask_span-frame span with probability mask_prob (paper: 32, 2.5 %);
+    # masked frames become N(0, noise_std²) noise
+    mask_prob: float = 0.025
+    mask_span: int = 32
+    noise_std: float = 0.1
+    crop_frames: int = 6000  # longer utterances are randomly cropped to this many frames (paper: 6K, 60 s)
+    max_seconds: float = 600.0  # files longer than this are skipped (too_long) before decoding
 
 
 @dataclass
@@ -253,6 +276,7 @@ class JobConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
+    speech: SpeechConfig = field(default_factory=SpeechConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RewardModelConfig = field(default_factory=RewardModelConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)

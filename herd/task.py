@@ -197,6 +197,7 @@ TASKS: dict[str, str] = {
     "rm": "herd.tasks.reward:RewardModelTask",
     "dpo": "herd.tasks.dpo:DPOTask",
     "ppo": "herd.tasks.ppo:PPOTask",
+    "speech-encoder": "herd.tasks.speech_encoder:SpeechEncoderTask",
 }
 
 

@@ -45,7 +45,11 @@ def test_every_command_is_registered_once_under_one_scheme():
     train = build_parser().parse_args(["train", "ppo", "--config", "x.toml"])
     assert train.task == "ppo" and train.func.__name__ == "cmd_train"
     choices = next(a.choices for a in train.command_parser._actions if a.dest == "task")
-    assert list(choices) == list(TASKS) == ["text", "vision", "video", "sft", "rm", "dpo", "ppo"]
+    assert (
+        list(choices)
+        == list(TASKS)
+        == ["text", "vision", "video", "sft", "rm", "dpo", "ppo", "speech-encoder"]
+    )
 
 
 def test_library_modules_hold_no_argparse():
