@@ -47,12 +47,22 @@ class PerceiverArgs:
     n_latents: int = 64  # latents per group: the video tokens one group hands the LLM
     frames_per_group: int = 32  # consecutive frames merged into one set of latents (paper: 32)
     max_groups: int = 2  # 64 frames at most (paper: up to 64)
+    # learned embeddings of a token's place within its frame (0 = none, open_flamingo's resampler): the
+    # tokens of a frame are otherwise a set to the latents, which then read *what* is in a frame more
+    # easily than *where* (measured in the video quickstart: docs/video.md)
+    spatial_tokens: int = 0
+    # a learned scale per frame and value channel on the frame tokens' values, zero at first (then the
+    # resampler is open_flamingo's): with signed scales one attention sum over a moving object's frames
+    # is its displacement, which plain attention (positive weights on shared values) cannot form
+    time_scaled_values: bool = False
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "head_dim", "n_latents", "frames_per_group", "max_groups"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"PerceiverArgs.{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.spatial_tokens < 0:
+            raise ValueError(f"PerceiverArgs.spatial_tokens must be ≥ 0, got {self.spatial_tokens}")
         if self.ffn_mult <= 0:
             raise ValueError(f"PerceiverArgs.ffn_mult must be > 0, got {self.ffn_mult}")
 
@@ -77,7 +87,9 @@ class PerceiverArgs:
         d, i = self.dim, self.inner_dim
         attention = 4 * d + 4 * d * i  # two LayerNorms; q, k, v, out
         ffn = 2 * d + 2 * d * self.ffn_dim
-        embeddings = (self.n_latents + self.frames_per_group + self.max_groups) * d
+        embeddings = (self.n_latents + self.frames_per_group + self.max_groups + self.spatial_tokens) * d
+        if self.time_scaled_values:
+            attention += self.frames_per_group * i
         return self.n_layers * (attention + ffn) + embeddings + 2 * d
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +131,13 @@ class PerceiverAttention(nn.Module):
         self.to_q = nn.Linear(args.dim, args.inner_dim, bias=False)
         self.to_kv = nn.Linear(args.dim, 2 * args.inner_dim, bias=False)
         self.to_out = nn.Linear(args.inner_dim, args.dim, bias=False)
+        self.frames_per_group = args.frames_per_group
+        # (frames_per_group, H·hd), zero-initialised: see PerceiverArgs.time_scaled_values
+        self.value_time_scale = (
+            nn.Parameter(torch.zeros(args.frames_per_group, args.inner_dim))
+            if args.time_scaled_values
+            else None
+        )
 
     def forward(
         self,
@@ -130,6 +149,12 @@ class PerceiverAttention(nn.Module):
         x, latents = self.norm_media(x), self.norm_latents(latents)
         q = self.to_q(latents).view(R, L, self.n_heads, self.head_dim).transpose(1, 2)  # (R, H, L, hd)
         k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)  # (R, M+L, H·hd) each
+        if self.value_time_scale is not None:  # frame f's tokens: values × (1 + scale[f])
+            M = x.shape[1]
+            scale = 1 + self.value_time_scale.repeat_interleave(
+                M // self.frames_per_group, dim=0
+            )  # (M, H·hd)
+            v = torch.cat([v[:, :M] * scale, v[:, M:]], dim=1)
         k = k.view(R, -1, self.n_heads, self.head_dim).transpose(1, 2)  # (R, H, M+L, hd)
         v = v.view(R, -1, self.n_heads, self.head_dim).transpose(1, 2)
         mask = None
@@ -166,6 +191,10 @@ class PerceiverResampler(nn.Module):
         self.latents = nn.Parameter(torch.empty(args.n_latents, d))
         self.frame_embeddings = nn.Parameter(torch.empty(args.frames_per_group, d))  # time inside a group
         self.group_embeddings = nn.Parameter(torch.empty(args.max_groups, d))  # which group
+        # where in the frame (tile-major token order), when args.spatial_tokens says how many
+        self.spatial_embeddings = (
+            nn.Parameter(torch.empty(args.spatial_tokens, d)) if args.spatial_tokens else None
+        )
         self.layers = nn.ModuleList([PerceiverLayer(args) for _ in range(args.n_layers)])
         self.norm = nn.LayerNorm(d, eps=args.norm_eps)
         self.init_weights()
@@ -174,11 +203,15 @@ class PerceiverResampler(nn.Module):
     def init_weights(self) -> None:
         """open_flamingo's: latents and time embeddings ~ N(0, 1) (LayerNorm'd before use), torch's
         default for the linear layers; a built-on-meta model calls this after materialising."""
-        for p in (self.latents, self.frame_embeddings, self.group_embeddings):
+        for p in (self.latents, self.frame_embeddings, self.group_embeddings, self.spatial_embeddings):
+            if p is None:
+                continue
             nn.init.normal_(p)
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.LayerNorm):
                 module.reset_parameters()
+            if isinstance(module, PerceiverAttention) and module.value_time_scale is not None:
+                nn.init.zeros_(module.value_time_scale)
 
     def forward(
         self,
@@ -212,6 +245,12 @@ class PerceiverResampler(nn.Module):
             + self.frame_embeddings[None, None, :, None, :]
             + self.group_embeddings[None, :groups, None, None, :]
         )
+        if self.spatial_embeddings is not None:
+            if n != a.spatial_tokens:
+                raise ValueError(
+                    f"frames have {n} tokens, the resampler's spatial embeddings {a.spatial_tokens}"
+                )
+            x = x + self.spatial_embeddings[None, None, None, :, :]
         x = x.reshape(B * groups, a.frames_per_group * n, width)  # (B·G, 32·n, D)
         keep = keep.view(B * groups, a.frames_per_group * n)
         key_mask = None if bool(keep.all()) else keep

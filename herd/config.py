@@ -179,6 +179,9 @@ class VideoConfig:
     # the paper trains only the video-specific parameters; "adapter" also trains the image adapter
     # (projector, image cross-attention) and "all" the image encoder too; the LLM stays frozen always
     trainable: Literal["video", "adapter", "all"] = "video"
+    # video cross-attention blocks start as the image cross-attention block at the same LLM layer (gates
+    # still at zero: outputs unchanged) instead of freshly initialised; both read visual tokens
+    init_cross_attention: Literal["random", "image"] = "random"
     objective: Literal["qa", "caption", "mixed"] = "qa"
     caption_every: int = 2
     cache_frames: bool = False  # keep each decoded clip in memory (small datasets, e.g. the quickstart)

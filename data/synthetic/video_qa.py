@@ -144,13 +144,31 @@ def _shape(rng: np.random.Generator, size: int, n_frames: int) -> VideoQAExample
 MAKERS = {"direction": _direction, "order": _order, "shape": _shape}
 
 
+def question_cycle(mix: dict[str, int] | None = None) -> tuple[str, ...]:
+    """Question types in the order examples cycle through them; `mix` gives each type's share, e.g.
+    {"direction": 3, "order": 1, "shape": 1} (interleaved). Default: each type once."""
+    if mix is None:
+        return VIDEO_QUESTION_TYPES
+    if unknown := set(mix) - set(VIDEO_QUESTION_TYPES):
+        raise ValueError(f"question mix: unknown types {sorted(unknown)}; known: {VIDEO_QUESTION_TYPES}")
+    if any(not isinstance(k, int) or k < 0 for k in mix.values()) or not any(mix.values()):
+        raise ValueError(f"question mix: shares must be whole numbers ≥ 0, not all 0; got {mix}")
+    slots = sorted(((i + 0.5) / k, VIDEO_QUESTION_TYPES.index(q)) for q, k in mix.items() for i in range(k))
+    return tuple(VIDEO_QUESTION_TYPES[t] for _, t in slots)
+
+
 def make_video_example(
-    seed: int, split: str, index: int, image_size: int = 56, n_frames: int = CLIP_FRAMES
+    seed: int,
+    split: str,
+    index: int,
+    image_size: int = 56,
+    n_frames: int = CLIP_FRAMES,
+    cycle: tuple[str, ...] = VIDEO_QUESTION_TYPES,
 ) -> VideoQAExample:
-    """Example `index` of `split`, a pure function of its arguments; types cycle in
-    `VIDEO_QUESTION_TYPES` order."""
+    """Example `index` of `split`, a pure function of its arguments; its type is
+    `cycle[index % len(cycle)]` (`question_cycle`)."""
     rng = np.random.default_rng([seed, SPLITS[split], index, 7])
-    qtype = VIDEO_QUESTION_TYPES[index % len(VIDEO_QUESTION_TYPES)]
+    qtype = cycle[index % len(cycle)]
     return MAKERS[qtype](rng, image_size, n_frames)
 
 
@@ -182,22 +200,31 @@ def chance_accuracy(rows: str | Path | Iterable[dict[str, Any]]) -> dict[str, fl
     return {q: c.most_common(1)[0][1] / c.total() for q, c in sorted(picks.items())}
 
 
-def generate_video_split(n: int, seed: int, split: str, image_size: int = 56) -> Iterator[VideoQAExample]:
+def generate_video_split(
+    n: int, seed: int, split: str, image_size: int = 56, mix: dict[str, int] | None = None
+) -> Iterator[VideoQAExample]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    cycle = question_cycle(mix)
     for i in range(n):
-        yield make_video_example(seed, split, i, image_size)
+        yield make_video_example(seed, split, i, image_size, cycle=cycle)
 
 
 def write_video_qa_dataset(
-    out_dir: str | Path, n_train: int, n_val: int, seed: int = 0, image_size: int = 56
+    out_dir: str | Path,
+    n_train: int,
+    n_val: int,
+    seed: int = 0,
+    image_size: int = 56,
+    train_mix: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """`train.jsonl`, `val.jsonl` and `videos/{split}/{i:06d}.mp4` under `out_dir` (paths in the
-    manifests are relative to it); returns the info written to `info.json`. Files already written by
-    an identical call are kept (the quickstart reruns cheaply)."""
+    manifests are relative to it); returns the info written to `info.json`. `train_mix` weights the
+    training split's question types; the held-out split has every type equally often. Files already
+    written by an identical call are kept (the quickstart reruns cheaply)."""
     out = Path(out_dir)
     info: dict[str, Any] = {"seed": seed, "image_size": image_size, "clip_frames": CLIP_FRAMES,
-                            "n": {"train": n_train, "val": n_val}}  # fmt: skip
+                            "n": {"train": n_train, "val": n_val}, "train_mix": train_mix}  # fmt: skip
     done = out / "info.json"
     if done.is_file() and read_info(done) == info:
         return info
@@ -205,7 +232,8 @@ def write_video_qa_dataset(
         folder = out / "videos" / split
         folder.mkdir(parents=True, exist_ok=True)
         rows = []
-        for i, ex in enumerate(generate_video_split(n, seed, split, image_size)):
+        mix = train_mix if split == "train" else None
+        for i, ex in enumerate(generate_video_split(n, seed, split, image_size, mix)):
             rel = f"videos/{split}/{i:06d}.mp4"
             write_clip(out / rel, ex.render())
             rows.append(ex.record(rel))

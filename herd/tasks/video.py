@@ -146,6 +146,15 @@ class VideoTask(TaskBase):
             raise ValueError(f"{self.video.init_from}/{WEIGHTS_FILE}: unexpected weights {unknown[:5]}")
         state.update(image)
         state.update({f"llm.{k}": v for k, v in self._llm_state.items()})
+        if self.video.init_cross_attention == "image":  # a copy of the image block at the same layer
+            for key in self.video_layers:
+                for name, value in image.items():
+                    if name.startswith(f"cross_attention.{key}."):
+                        leaf = name.removeprefix(f"cross_attention.{key}.")
+                        zero = leaf in ("gate_attn", "gate_ffwd")  # the gates stay shut: nothing changes
+                        state[f"video.cross_attention.{key}.{leaf}"] = (
+                            torch.zeros_like(value) if zero else value
+                        )
         model.load_state_dict(state, strict=True)
         self.freeze(model)
 

@@ -99,3 +99,44 @@ def test_paper_sizes():
             adapter = VideoAdapter(args, get_perceiver_preset(llm), video_schedule(list(image_layers)))
         total = sum(p.numel() for p in adapter.parameters())
         assert abs(total - expected) / expected < 0.05, (llm, total)
+
+
+def test_spatial_embeddings_are_added_per_token_place():
+    """`spatial_tokens`: a learned embedding per token place in the frame, added like the frame-time one
+    (the reference run on inputs with it added matches); the place of an object becomes visible."""
+    torch.manual_seed(0)
+    ours = PerceiverResampler(
+        get_perceiver_preset("tiny", frames_per_group=4, max_groups=2, spatial_tokens=5)
+    )
+    x = torch.randn(2, 8, 5, 64)
+    out, _ = ours(x)
+    ref = reference_from(ours)(with_frame_times(ours, x + ours.spatial_embeddings))
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    moved = x[:, :, [1, 0, 2, 3, 4]]  # two tokens trade places in every frame
+    assert (ours(moved)[0] - out).abs().max() > 1e-3
+    assert sum(p.numel() for p in ours.parameters()) == ours.args.num_params()
+    with pytest.raises(ValueError, match="spatial"):
+        ours(torch.randn(1, 4, 6, 64))
+
+
+def test_time_scaled_values_start_as_the_plain_resampler():
+    """`time_scaled_values`: zero-initialised per-frame value scales: at first the output is the plain
+    resampler's (so the reference parity holds); the scales get a gradient and then change the output."""
+    torch.manual_seed(0)
+    args = get_perceiver_preset("tiny", frames_per_group=4, max_groups=2)
+    plain = PerceiverResampler(args)
+    scaled = PerceiverResampler(
+        get_perceiver_preset("tiny", frames_per_group=4, max_groups=2, time_scaled_values=True)
+    )
+    missing, unexpected = scaled.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all("value_time_scale" in k for k in missing) and len(missing) == args.n_layers
+    x = torch.randn(2, 8, 5, 64)
+    out = scaled(x)[0]
+    torch.testing.assert_close(out, plain(x)[0], atol=0, rtol=0)
+    out.square().sum().backward()
+    grads = [layer.attention.value_time_scale.grad for layer in scaled.layers]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    with torch.no_grad():
+        scaled.layers[0].attention.value_time_scale[0] = -1.0  # frame 0 of each group: values zeroed
+    assert (scaled(x)[0] - out).abs().max() > 1e-3
+    assert sum(p.numel() for p in scaled.parameters()) == scaled.args.num_params()

@@ -146,3 +146,20 @@ def test_parallel_layouts_match_single_process(setup, tmp_path, layout):
     multi = spawn_ranks(run_video, 2, setup, tmp_path / "b", ["--train.steps=3", *layout])[0]
     assert multi[0] == pytest.approx(single[0], abs=1e-5)  # losses
     assert multi[1] == pytest.approx(single[1], abs=1e-4)  # grad norms
+
+
+def test_video_blocks_can_start_as_the_image_blocks(setup, tmp_path):
+    cfg = load_config(None, overrides(setup, tmp_path, "--video.init_cross_attention=image"))
+    task = VideoTask.from_config(cfg)
+    model = task._new_model()
+    task.init_weights(model)
+    for key, block in model.video.cross_attention.items():
+        image_block = model.cross_attention[key].state_dict()
+        for name, value in block.state_dict().items():
+            expected = torch.zeros_like(value) if name.startswith("gate") else image_block[name]
+            assert torch.equal(value, expected), name
+    image_model, _, _ = load_multimodal_model(setup / "image_model")
+    batch = task.encode(list(task.dataset("val", loop=False))[:2])
+    args, kwargs = task.inputs(batch)
+    with torch.no_grad():  # shut gates: the video changes nothing yet
+        assert torch.equal(model.eval()(*args, **kwargs), image_model(*args))
