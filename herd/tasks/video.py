@@ -34,7 +34,7 @@ from herd.data.training.video_text import VideoTextDataset
 from herd.losses import causal_lm_loss
 from herd.plans.multimodal import MULTIMODAL_PLAN
 from herd.task import LossOutput, TaskBase
-from herd.tasks.vision import VisionBatches, missing_fields, qa_prompt
+from herd.tasks.vision import VisionBatches, batches_of, encode_targets, missing_fields, qa_prompt
 from herd.text.loading import load_checkpoint
 from herd.text.model import Llama
 from herd.vision.encoder import VisionEncoder
@@ -187,20 +187,7 @@ class VideoTask(TaskBase):
         return collate_videos([video_tiles(v, self.transform) for v in videos], self.video.num_frames)
 
     def encode(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        rows, label_rows = [], []
-        for row, s in enumerate(samples):
-            prompt, target = self.target_text(s, row)
-            head = self.prompt_tokens(prompt)
-            tail = [*self.tokenizer.encode(target), self.eot_id]
-            seq = head + tail
-            rows.append(seq[:-1])
-            label_rows.append([IGNORE_INDEX] * (len(head) - 1) + tail)  # predict the target tokens only
-        T = max(map(len, rows))
-        tokens = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-        for i, (r, lab) in enumerate(zip(rows, label_rows)):
-            tokens[i, : len(r)] = torch.tensor(r)
-            labels[i, : len(lab)] = torch.tensor(lab)
+        tokens, labels = encode_targets(self, samples)
         return {"tokens": tokens, "labels": labels, **self.video_inputs([s["video"] for s in samples])}
 
     def dataset(self, split: str, rank: int = 0, world_size: int = 1, loop: bool = True) -> VideoTextDataset:
@@ -227,15 +214,7 @@ class VideoTask(TaskBase):
     def val_batches(self):
         if not self.video.val_manifest:
             return None
-        data, b = self.dataset("val", loop=False), self.data.batch_size
-        batch: list[dict[str, Any]] = []
-        for sample in data:
-            batch.append(sample)
-            if len(batch) == b:
-                yield self.encode(batch)
-                batch = []
-        if batch:  # the last, ragged batch counts too
-            yield self.encode(batch)
+        return batches_of(self.dataset("val", loop=False), self.data.batch_size, self.encode)
 
     def num_targets(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())

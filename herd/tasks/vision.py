@@ -13,7 +13,7 @@ it is read; the loop logs the counts. Layouts: FSDP/HSDP, TP, and PP with the pa
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,38 @@ def missing_fields(objective: str):
         return None if has_qa(fields) or has_caption(fields) else "missing_caption_and_qa"
 
     return check
+
+
+def encode_targets(task: Any, samples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens (B, T) and labels (B, T) of a batch: each row is `task.prompt_tokens(prompt)` + target +
+    `<|eot_id|>` (`task.target_text(sample, row)`), the loss on the target only, padded with pad_id."""
+    rows, label_rows = [], []
+    for row, s in enumerate(samples):
+        prompt, target = task.target_text(s, row)
+        head = task.prompt_tokens(prompt)
+        tail = [*task.tokenizer.encode(target), task.eot_id]
+        seq = head + tail
+        rows.append(seq[:-1])
+        label_rows.append([IGNORE_INDEX] * (len(head) - 1) + tail)  # predict the target tokens only
+    T = max(map(len, rows))
+    tokens = torch.full((len(rows), T), task.pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, label_rows)):
+        tokens[i, : len(r)] = torch.tensor(r)
+        labels[i, : len(lab)] = torch.tensor(lab)
+    return tokens, labels
+
+
+def batches_of(data: Iterable[dict[str, Any]], batch_size: int, encode) -> Iterator[dict[str, Any]]:
+    """Encoded batches of `batch_size` samples; the last, ragged batch counts too (validation)."""
+    batch: list[dict[str, Any]] = []
+    for sample in data:
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield encode(batch)
+            batch = []
+    if batch:
+        yield encode(batch)
 
 
 class VisionBatches:
@@ -176,20 +208,8 @@ class VisionTask(TaskBase):
         return [self.tokenizer.bos_id, self.image_id, *self.tokenizer.encode(prompt)]
 
     def encode(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        rows, label_rows = [], []
-        for row, s in enumerate(samples):
-            prompt, target = self.target_text(s, row)
-            head = self.prompt_tokens(prompt)
-            tail = [*self.tokenizer.encode(target), self.eot_id]
-            seq = head + tail
-            rows.append(seq[:-1])
-            label_rows.append([IGNORE_INDEX] * (len(head) - 1) + tail)  # predict the target tokens only
-        T = max(map(len, rows))
-        tokens = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-        for i, (r, lab) in enumerate(zip(rows, label_rows)):
-            tokens[i, : len(r)] = torch.tensor(r)
-            labels[i, : len(lab)] = torch.tensor(lab)
+        tokens, labels = encode_targets(self, samples)
+        T = tokens.shape[1]
         images = collate_images([self.transform(s["image"]) for s in samples], max_images_per_sample=1)
         # every text token may look at every real tile of its image: (B, T, 1, tiles)
         xmask = images["aspect_ratio_mask"][:, None].expand(-1, T, -1, -1).clone()
@@ -220,18 +240,7 @@ class VisionTask(TaskBase):
     def val_batches(self):
         if not self.vision.val_manifest:
             return None
-        data, b = self.dataset("val", loop=False), self.data.batch_size
-        return self._val_batches(data, b)
-
-    def _val_batches(self, data: ImageTextDataset, b: int):
-        batch: list[dict[str, Any]] = []
-        for sample in data:
-            batch.append(sample)
-            if len(batch) == b:
-                yield self.encode(batch)
-                batch = []
-        if batch:  # the last, ragged batch counts too
-            yield self.encode(batch)
+        return batches_of(self.dataset("val", loop=False), self.data.batch_size, self.encode)
 
     def num_targets(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
