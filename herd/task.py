@@ -162,6 +162,30 @@ class TaskBase:
             )
 
 
+class ResumableBatches:
+    """Batches of `batch_size` samples from a resumable dataset, each through `encode`; the dataset's
+    position is the state a checkpoint saves (what a task's `train_batches` returns for map-free data)."""
+
+    def __init__(self, dataset: Any, batch_size: int, encode: Any) -> None:
+        self.dataset, self.batch_size, self.encode = dataset, batch_size, encode
+        self._it: Iterator[dict[str, Any]] | None = None
+
+    def __iter__(self) -> ResumableBatches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._it is None:
+            self._it = iter(self.dataset)
+        return self.encode([next(self._it) for _ in range(self.batch_size)])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dataset.load_state_dict(state)
+        self._it = None
+
+
 class LayoutNotSupported(ValueError):
     pass
 
@@ -223,6 +247,7 @@ def build_task(name: str, cfg: Any, **kwargs: Any) -> Any:
 __all__ = [
     "LAYOUT_DIMS",
     "TASKS",
+    "ResumableBatches",
     "LayoutNotSupported",
     "LossOutput",
     "Task",

@@ -24,7 +24,6 @@ Export: the encoder alone, `herd.speech.encoder_io` (any `checkpoint.export_form
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,30 +47,7 @@ from herd.speech.bestrq import (
 from herd.speech.conformer_args import get_speech_preset
 from herd.speech.encoder_io import save_speech_encoder
 from herd.speech.features import LogMel, normalize_per_utterance, pad_features
-from herd.task import LossOutput, TaskBase
-
-
-class SpeechBatches:
-    """Collated batches from an `AudioDataset`; its position is the state a checkpoint saves."""
-
-    def __init__(self, dataset: AudioDataset, batch_size: int, encode) -> None:
-        self.dataset, self.batch_size, self.encode = dataset, batch_size, encode
-        self._it: Iterator[dict[str, Any]] | None = None
-
-    def __iter__(self) -> SpeechBatches:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        if self._it is None:
-            self._it = iter(self.dataset)
-        return self.encode([next(self._it) for _ in range(self.batch_size)])
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.dataset.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.dataset.load_state_dict(state)
-        self._it = None
+from herd.task import LossOutput, ResumableBatches, TaskBase
 
 
 class SpeechEncoderTask(TaskBase):
@@ -151,13 +127,13 @@ class SpeechEncoderTask(TaskBase):
     def skip_counts(self) -> dict[str, SkipCounter]:
         return dict(self._skipped)
 
-    def train_batches(self, rank: int, world_size: int) -> SpeechBatches:
+    def train_batches(self, rank: int, world_size: int) -> ResumableBatches:
         if self.data.batch_size % world_size:
             raise ValueError(
                 f"data.batch_size {self.data.batch_size} is not divisible by {world_size} data ranks"
             )
         self.train_data = self.dataset("train", rank, world_size)
-        return SpeechBatches(self.train_data, self.data.batch_size // world_size, self.encode)
+        return ResumableBatches(self.train_data, self.data.batch_size // world_size, self.encode)
 
     def val_batches(self):
         if not self.speech.val_manifest:
@@ -215,4 +191,4 @@ class SpeechEncoderTask(TaskBase):
         )  # fmt: skip
 
 
-__all__ = ["SpeechBatches", "SpeechEncoderTask"]
+__all__ = ["SpeechEncoderTask"]

@@ -33,8 +33,8 @@ from herd.data.records import IGNORE_INDEX, SkipCounter
 from herd.data.training.video_text import VideoTextDataset
 from herd.losses import causal_lm_loss
 from herd.plans.multimodal import MULTIMODAL_PLAN
-from herd.task import LossOutput, TaskBase
-from herd.tasks.vision import VisionBatches, batches_of, encode_targets, missing_fields, qa_prompt
+from herd.task import LossOutput, ResumableBatches, TaskBase
+from herd.tasks.vision import batches_of, encode_targets, missing_fields, qa_prompt
 from herd.text.loading import load_checkpoint
 from herd.text.model import Llama
 from herd.vision.encoder import VisionEncoder
@@ -207,9 +207,9 @@ class VideoTask(TaskBase):
     def skip_counts(self) -> dict[str, SkipCounter]:
         return dict(self._skipped)
 
-    def train_batches(self, rank: int, world_size: int) -> VisionBatches:
+    def train_batches(self, rank: int, world_size: int) -> ResumableBatches:
         self.train_data = self.dataset("train", rank, world_size)
-        return VisionBatches(self.train_data, self.data.batch_size // world_size, self.encode)
+        return ResumableBatches(self.train_data, self.data.batch_size // world_size, self.encode)
 
     def val_batches(self):
         if not self.video.val_manifest:

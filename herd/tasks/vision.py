@@ -27,7 +27,7 @@ from herd.data.records import IGNORE_INDEX, SkipCounter
 from herd.data.training.image_text import ImageTextDataset
 from herd.losses import causal_lm_loss
 from herd.plans.multimodal import MULTIMODAL_PLAN
-from herd.task import LayoutNotSupported, LossOutput, TaskBase
+from herd.task import LayoutNotSupported, LossOutput, ResumableBatches, TaskBase
 from herd.text.loading import load_checkpoint
 from herd.text.model import Llama
 from herd.vision.encoder import VisionEncoder, load_vision_weights
@@ -96,29 +96,6 @@ def batches_of(data: Iterable[dict[str, Any]], batch_size: int, encode) -> Itera
             batch = []
     if batch:
         yield encode(batch)
-
-
-class VisionBatches:
-    """Collated batches from an `ImageTextDataset`; its position is the state a checkpoint saves."""
-
-    def __init__(self, dataset: ImageTextDataset, batch_size: int, encode) -> None:
-        self.dataset, self.batch_size, self.encode = dataset, batch_size, encode
-        self._it: Iterator[dict[str, Any]] | None = None
-
-    def __iter__(self) -> VisionBatches:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        if self._it is None:
-            self._it = iter(self.dataset)
-        return self.encode([next(self._it) for _ in range(self.batch_size)])
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.dataset.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.dataset.load_state_dict(state)
-        self._it = None
 
 
 class VisionTask(TaskBase):
@@ -233,9 +210,9 @@ class VisionTask(TaskBase):
     def skip_counts(self) -> dict[str, SkipCounter]:
         return dict(self._skipped)
 
-    def train_batches(self, rank: int, world_size: int) -> VisionBatches:
+    def train_batches(self, rank: int, world_size: int) -> ResumableBatches:
         self.train_data = self.dataset("train", rank, world_size)
-        return VisionBatches(self.train_data, self.data.batch_size // world_size, self.encode)
+        return ResumableBatches(self.train_data, self.data.batch_size // world_size, self.encode)
 
     def val_batches(self):
         if not self.vision.val_manifest:
