@@ -29,7 +29,7 @@ TIME_TYPES = ("direction", "order")  # the question types only frame order answe
 
 
 def shuffled(video: Any, seed: int) -> Any:
-    """The same frames in a random order (the mask follows its frame)."""
+    """The same frames in a random order; every frame counts (a repeat is no longer beside its original)."""
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(video.frames.shape[0], generator=g)
     return dataclasses.replace(video, frames=video.frames[perm], mask=torch.ones_like(video.mask))
