@@ -112,3 +112,61 @@ class VideoQA:
             pad_id=pad, **batch,
         )  # fmt: skip
         return [tok.decode(c.tokens).strip() for c in done]
+
+
+class SpeechQA:
+    """Transcribes clips or answers spoken questions with a frozen LLM + trained speech encoder and adapter
+    (a `herd train speech` export, or the speech quickstart's `speech_model`)."""
+
+    def __init__(self, model: Any, tokenizer: Any, language: str = "English") -> None:
+        from herd.speech.features import LogMel
+
+        self.model, self.tokenizer, self.language = model.eval(), tokenizer, language
+        self.log_mel = LogMel(n_mels=model.encoder.args.n_mels)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> SpeechQA:
+        from herd.adapters.speech_io import load_speech_model
+
+        model, tokenizer, config = load_speech_model(path, device)
+        return cls(model, tokenizer, config.get("language", "English"))
+
+    @staticmethod
+    def read(path: str | Path, max_seconds: float | None = 600.0) -> torch.Tensor:
+        """The clip at `path` as a 16 kHz mono waveform (N,); `AudioError` names the file and the reason."""
+        from herd.speech.audio import read_audio
+
+        return read_audio(path, max_seconds=max_seconds)
+
+    def transcribe_prompt(self) -> str:
+        return f"Repeat after me in {self.language}:"  # the paper's ASR prompt (§8.3.1)
+
+    @torch.no_grad()
+    def ask(
+        self, clips: list[torch.Tensor], prompts: list[str | None], max_new_tokens: int = 32, after: str = ""
+    ) -> list[str]:
+        """One reply per clip, as one batch. A prompt is the text before the clip (`transcribe_prompt()`
+        transcribes; "Translate the following sentence into French:" translates); None: the clip is a
+        spoken question or turn and is answered as it stands. `after`: text between the clip and the reply."""
+        from herd.adapters.speech_llama import generate_with_audio
+        from herd.speech.features import normalize_per_utterance, pad_features
+
+        if len(clips) != len(prompts):
+            raise ValueError(f"{len(clips)} clips but {len(prompts)} prompts")
+        tok, model = self.tokenizer, self.model
+        feats = []
+        for clip in clips:
+            mel, frames = self.log_mel(clip.reshape(1, -1).float())
+            feats.append(normalize_per_utterance(mel, frames)[0])  # (T, n_mels), as in training
+        rows = []
+        for text, f in zip(prompts, feats):
+            n = model.audio_tokens(f.shape[0])
+            head = [tok.bos_id, *(tok.encode(text) if text else [])]
+            rows.append(head + [model.audio_token_id] * n + (tok.encode(after) if after else []))
+        features, lengths, _ = pad_features(feats)
+        pad = tok.pad_id if tok.pad_id >= 0 else 0
+        done = generate_with_audio(
+            model, rows, features, lengths, SamplingParams(max_new_tokens=max_new_tokens),
+            stop_ids=tok.stop_ids, pad_id=pad,
+        )  # fmt: skip
+        return [tok.decode(c.tokens).strip() for c in done]

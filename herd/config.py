@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from herd.adapters.speech import SPEECH_ADAPTER_PRESET_NAMES
 from herd.speech.conformer_args import SPEECH_PRESET_NAMES
 from herd.text.args import PRESET_NAMES
 from herd.vision.vision_args import VISION_PRESET_NAMES
@@ -198,6 +199,7 @@ class SpeechConfig:
     encoder_args: dict[str, Any] = field(default_factory=dict)  # ConformerArgs fields replacing the preset's
     train_manifest: str | None = None  # jsonl: {"audio": path relative to the manifest, ...}
     val_manifest: str | None = None
+    shards: str | None = None  # training data as webdataset tar shards (files, a folder or a glob) instead
     # the frozen random-projection quantizer: stacked frames → code_dim, nearest of codebook_size unit-norm
     # codes by cosine, in each of num_codebooks codebooks (paper: 16 × 8192, 16 dims)
     num_codebooks: int = 16
@@ -211,6 +213,21 @@ class SpeechConfig:
     noise_std: float = 0.1
     crop_frames: int = 6000  # longer utterances are randomly cropped to this many frames (paper: 6K, 60 s)
     max_seconds: float = 600.0  # files longer than this are skipped (too_long) before decoding
+    # --- `herd train speech` (paper §8.1.2, §8.3): the adapter and encoder on a frozen LLM ------------------
+    llm: str | None = None  # the frozen LLM's checkpoint
+    init_encoder: str | None = (
+        None  # a `herd train speech-encoder` export; None: a randomly initialised encoder
+    )
+    adapter: Literal[*SPEECH_ADAPTER_PRESET_NAMES] = "tiny"  # type: ignore[valid-type]
+    adapter_args: dict[str, Any] = field(
+        default_factory=dict
+    )  # SpeechAdapterArgs fields (llm/encoder dims follow)
+    trainable: Literal["all", "adapter"] = (
+        "all"  # all: encoder + adapter (the paper); adapter: encoder frozen
+    )
+    language: str = "English"  # of the task prompts: "Repeat after me in {language}:"
+    target_language: str = "English"  # speech translation: records with a `translation` field
+    spec_augment: bool = False  # time and frequency masking of the SFT features (SpecAugment, Park et al.)
 
 
 @dataclass

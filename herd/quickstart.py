@@ -93,18 +93,13 @@ def run_vision_stage(out: Path, llm_dir: Path, overrides: list[str], console: Co
     }
 
 
-def run_quickstart(
-    out: str | Path = "runs/quickstart",
-    config: str | Path | None = None,
-    overrides: list[str] | None = None,
-    vision_overrides: list[str] | None = None,
-) -> dict[str, Any]:
+def run_text_stage(
+    out: Path, config: str | Path | None, overrides: list[str] | None, console: Console
+) -> tuple[Path, Any, Any]:
+    """Stage 1: the tiny Llama trains and is exported to `<out>/text_model`; (model dir, result, task)."""
     from herd.tasks.text import TextPretrainTask
     from herd.trainer import train
 
-    console = Console(stderr=True)
-    start = time.perf_counter()
-    out = Path(out)
     cfg = load_config(
         config or config_path("quickstart.toml"), [f"--train.run_dir={out / 'text'}", *(overrides or [])]
     )
@@ -116,6 +111,19 @@ def run_quickstart(
     )
     result = train(cfg, task)
     model_dir = task.export(result.runtime.full_state_dict(), out / "text_model", "meta")
+    return Path(model_dir), result, task
+
+
+def run_quickstart(
+    out: str | Path = "runs/quickstart",
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    vision_overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    out = Path(out)
+    model_dir, result, task = run_text_stage(out, config, overrides, console)
     text_eval = evaluate_text_model(result.model, task.tokenizer)
     vision = run_vision_stage(out, Path(model_dir), vision_overrides or [], console)
     report = {

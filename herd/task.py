@@ -222,6 +222,7 @@ TASKS: dict[str, str] = {
     "dpo": "herd.tasks.dpo:DPOTask",
     "ppo": "herd.tasks.ppo:PPOTask",
     "speech-encoder": "herd.tasks.speech_encoder:SpeechEncoderTask",
+    "speech": "herd.tasks.speech:SpeechTask",
 }
 
 

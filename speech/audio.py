@@ -2,6 +2,7 @@
 
     wave = read_audio("clip.flac")              # (N,) float32 tensor, 16 kHz, mono
     wave = read_audio("talk.mp3", max_seconds=60)
+    wave = read_audio_bytes(data, "shard-000000.tar#utt42")  # bytes in memory (a tar member)
 
 Decoders: soundfile (libsndfile ships inside its wheel: WAV, FLAC, OGG/Vorbis, Opus, MP3, AIFF, ...) first;
 PyAV (FFmpeg's libraries ship inside its wheel: m4a/AAC, webm, video containers, ...) for what soundfile
@@ -9,10 +10,10 @@ cannot read. torchaudio's own `load` is not used: from 2.9 on it needs torchcode
 Channels are averaged to mono; the rate is converted with `torchaudio.transforms.Resample` (windowed
 sinc, its defaults) whichever decoder read the file.
 
-Every failure is an `AudioError` (a ValueError) whose message starts with the path and whose `reason` is
-the skip reason a dataset counts it under: `missing_file`, `empty_file` (0 bytes), `not_audio` (no decoder
-could read it), `empty_audio` (decoded, but no samples), `too_long` (over `max_seconds`), `bad_samples`
-(NaN or infinite values).
+Every failure is an `AudioError` (a ValueError) whose message starts with the path (for bytes: the `name`
+given, e.g. the shard and the sample) and whose `reason` is the skip reason a dataset counts it under:
+`missing_file`, `empty_file` (0 bytes), `not_audio` (no decoder could read it), `empty_audio` (decoded,
+but no samples), `too_long` (over `max_seconds`), `bad_samples` (NaN or infinite values).
 
 This is the I/O of `herd.speech`; the encoder modules (`features`, `conformer`, `bestrq`) read nothing.
 """
@@ -20,6 +21,7 @@ This is the I/O of `herd.speech`; the encoder modules (`features`, `conformer`, 
 from __future__ import annotations
 
 import functools
+import io
 from os import PathLike
 from pathlib import Path
 
@@ -45,40 +47,63 @@ def _soundfile():
     return soundfile
 
 
-def _read_soundfile(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int] | None:
-    """(samples (N, C) float32, rate), or None when libsndfile cannot open the file."""
+# What a reader decodes: a file, or the bytes of one held in memory (a tar shard's member).
+Source = Path | bytes
+
+
+class _Member(io.BytesIO):
+    """Bytes as a file object whose repr is their name, so decoder messages quoting it read as a path."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self._name = name
+
+    def __repr__(self) -> str:
+        return repr(self._name)
+
+
+def _open(source: Source, name: str | PathLike) -> str | io.BytesIO:
+    """What soundfile and PyAV open: the path, or a fresh file object over the bytes (each open reads
+    from the start)."""
+    return str(source) if isinstance(source, Path) else _Member(source, str(name))
+
+
+def _read_soundfile(
+    source: Source, name: str | PathLike, max_seconds: float | None
+) -> tuple[np.ndarray, int] | None:
+    """(samples (N, C) float32, rate), or None when libsndfile cannot open the file; `name` in errors."""
     sf = _soundfile()
     try:
-        info = sf.info(str(path))
+        info = sf.info(_open(source, name))
     except (RuntimeError, TypeError):  # not a format libsndfile knows (LibsndfileError is a RuntimeError)
         return None
     if max_seconds is not None and info.samplerate > 0 and info.frames / info.samplerate > max_seconds:
         # from the header: a three-hour file is refused before it is decoded
         raise AudioError(
-            path,
+            name,
             "too_long",
             f"{info.frames / info.samplerate:.1f} s of audio exceeds the {max_seconds:g} s limit",
         )
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(_open(source, name), dtype="float32", always_2d=True)
     except RuntimeError as e:
-        raise AudioError(path, "not_audio", f"could not decode ({type(e).__name__}: {e})") from e
+        raise AudioError(name, "not_audio", f"could not decode ({type(e).__name__}: {e})") from e
     return data, int(rate)
 
 
-def _read_pyav(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int]:
-    """(samples (N, C) float32, rate) decoded by FFmpeg through PyAV."""
+def _read_pyav(source: Source, name: str | PathLike, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """(samples (N, C) float32, rate) decoded by FFmpeg through PyAV; `name` in errors."""
     try:
         import av
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise AudioError(
-            path, "not_audio", "soundfile cannot read it and PyAV is missing (pip install av)"
+            name, "not_audio", "soundfile cannot read it and PyAV is missing (pip install av)"
         ) from e
     try:
-        with av.open(str(path)) as container:
+        with av.open(_open(source, name)) as container:
             streams = container.streams.audio
             if not streams:
-                raise AudioError(path, "not_audio", "no audio stream")
+                raise AudioError(name, "not_audio", "no audio stream")
             stream = streams[0]
             rate = int(stream.rate or stream.codec_context.sample_rate or 0)
             # planar float at the stream's own rate and layout: the mono mix and resampling are ours, the
@@ -91,7 +116,7 @@ def _read_pyav(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int]:
                     chunks.append(chunk)
                     total += chunk.shape[1]
                 if max_seconds is not None and rate and total / rate > max_seconds:
-                    raise AudioError(path, "too_long", f"more than {max_seconds:g} s of audio")
+                    raise AudioError(name, "too_long", f"more than {max_seconds:g} s of audio")
             for out in resampler.resample(None):  # flush
                 chunks.append(out.to_ndarray())
     except AudioError:
@@ -100,7 +125,7 @@ def _read_pyav(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int]:
         Exception
     ) as e:  # FFmpeg raises many types (InvalidDataError, ValueError, ...): all mean "can't read"
         raise AudioError(
-            path, "not_audio", f"neither soundfile nor PyAV can decode it ({type(e).__name__}: {e})"
+            name, "not_audio", f"neither soundfile nor PyAV can decode it ({type(e).__name__}: {e})"
         ) from e
     if not chunks or rate <= 0:
         return np.zeros((0, 1), dtype=np.float32), rate or SAMPLE_RATE
@@ -142,17 +167,33 @@ def read_audio(
         raise AudioError(file, "not_audio", "not a file")
     if file.stat().st_size == 0:
         raise AudioError(file, "empty_file", "the file is empty (0 bytes)")
-    decoded = _read_soundfile(file, max_seconds)
-    data, rate = decoded if decoded is not None else _read_pyav(file, max_seconds)
+    return _decode(file, file, max_seconds, target_rate)
+
+
+def read_audio_bytes(
+    data: bytes, name: str, max_seconds: float | None = None, target_rate: int = SAMPLE_RATE
+) -> torch.Tensor:
+    """`read_audio` for the bytes of an audio file held in memory (a tar shard's member); `name`
+    (e.g. "shard-000000.tar#utt42") starts the errors' messages in place of a path."""
+    if len(data) == 0:
+        raise AudioError(name, "empty_file", "the file is empty (0 bytes)")
+    return _decode(bytes(data), name, max_seconds, target_rate)
+
+
+def _decode(
+    source: Source, name: str | PathLike, max_seconds: float | None, target_rate: int
+) -> torch.Tensor:
+    decoded = _read_soundfile(source, name, max_seconds)
+    data, rate = decoded if decoded is not None else _read_pyav(source, name, max_seconds)
     if data.shape[0] == 0:
-        raise AudioError(file, "empty_audio", "the file holds no audio samples")
+        raise AudioError(name, "empty_audio", "the file holds no audio samples")
     if max_seconds is not None and data.shape[0] / rate > max_seconds:
         raise AudioError(
-            file, "too_long", f"{data.shape[0] / rate:.1f} s of audio exceeds the {max_seconds:g} s limit"
+            name, "too_long", f"{data.shape[0] / rate:.1f} s of audio exceeds the {max_seconds:g} s limit"
         )
     if not np.isfinite(data).all():
-        raise AudioError(file, "bad_samples", "the audio holds NaN or infinite samples")
+        raise AudioError(name, "bad_samples", "the audio holds NaN or infinite samples")
     return to_mono_16k(data, rate, target_rate)
 
 
-__all__ = ["AudioError", "read_audio", "to_mono_16k"]
+__all__ = ["AudioError", "read_audio", "read_audio_bytes", "to_mono_16k"]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import _ctypes
 import ctypes
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +175,7 @@ def write_split(
     rates: Sequence[int] = RATES,
     pitches: Sequence[int] = PITCHES,
     sample_rate: int | None = 16_000,
+    sentences: Callable[[int, np.random.Generator], list[str]] | None = None,
 ) -> Path:
     """Write `n` utterances of one split as `clips/<split>_<i>.wav` and `<split>.jsonl`; returns the manifest.
 
@@ -191,7 +192,8 @@ def write_split(
 
     (out_dir / "clips").mkdir(parents=True, exist_ok=True)
     records = []
-    for i, text in enumerate(random_sentences(n, rng, words)):
+    texts = sentences(n, rng) if sentences is not None else random_sentences(n, rng, words)
+    for i, text in enumerate(texts):
         voice = voices[int(rng.integers(len(voices)))]
         rate, pitch = int(rng.choice(rates)), int(rng.choice(pitches))
         wave = synthesize(text, voice, rate, pitch).astype(np.float32) / 32768.0  # (N,) in [-1, 1)
@@ -215,16 +217,20 @@ def write_speech_dataset(
     train_voices: Sequence[str] = TRAIN_VOICES,
     test_voices: Sequence[str] = HELD_OUT_VOICES,
     sample_rate: int | None = 16_000,
+    sentences: Callable[[int, np.random.Generator], list[str]] | None = None,
 ) -> dict[str, Path]:
     """A spoken dataset: `n_train` utterances by `train_voices`, `n_test` by the held-out `test_voices`
-    (disjoint), texts, voices, rates and pitches drawn from `seed`. Returns {"train": manifest, "test": …}."""
+    (disjoint), texts, voices, rates and pitches drawn from `seed`; `sentences(n, rng)` replaces the uniform
+    draw of words (`random_sentences`) by another text generator. Returns {"train": manifest, "test": …}."""
     shared = sorted(set(train_voices) & set(test_voices))
     if shared:
         raise ValueError(f"held-out voices must not be in the train voices: {shared}")
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
-    return {"train": write_split(out, "train", n_train, train_voices, rng, words, sample_rate=sample_rate),
-            "test": write_split(out, "test", n_test, test_voices, rng, words, sample_rate=sample_rate)}  # fmt: skip
+    return {"train": write_split(out, "train", n_train, train_voices, rng, words, sample_rate=sample_rate,
+                                 sentences=sentences),
+            "test": write_split(out, "test", n_test, test_voices, rng, words, sample_rate=sample_rate,
+                                sentences=sentences)}  # fmt: skip
 
 
 __all__ = [

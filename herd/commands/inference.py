@@ -3,6 +3,7 @@
     herd generate --model runs/x/model --prompt "Count: one two" --max-new-tokens 8
     herd chat --model runs/sft/model --system "be brief" --message "hi"
     herd ask --model runs/quickstart/vision_model --image shapes.png --question "How many shapes?"
+    herd ask --model runs/quickstart/speech_model --audio a.wav --audio b.wav      # transcribes both
 
 Python: `herd.text.generation.generate_text`, `herd.text.chat.ChatSession`, `herd.ask.VisionQA`.
 """
@@ -67,8 +68,12 @@ def cmd_ask(args: argparse.Namespace) -> int:
     """`herd.ask.VisionQA.ask` / `VideoQA.ask`: one "file<TAB>question<TAB>answer" line per image or video."""
     from herd.ask import VisionQA, read_image
 
-    if bool(args.image) == bool(args.video):
-        raise UsageError("give --image or --video (repeatable), not both and not neither")
+    if sum(map(bool, (args.image, args.video, args.audio))) != 1:
+        raise UsageError("give --image, --video or --audio (repeatable), one kind and not none")
+    if args.audio:
+        return _ask_audio(args)
+    if not args.question:
+        raise UsageError("--question is required with --image and --video")
     if args.video:
         return _ask_videos(args)
     if len(args.question) not in (1, len(args.image)):
@@ -95,6 +100,27 @@ def _ask_videos(args: argparse.Namespace) -> int:
     questions = args.question if len(args.question) == len(videos) else args.question * len(videos)
     for path, question, answer in zip(args.video, questions, qa.ask(videos, questions, args.max_new_tokens)):
         print(f"{path}\t{question}\t{answer}")
+    return 0
+
+
+def _ask_audio(args: argparse.Namespace) -> int:
+    """Without --question each clip is transcribed (`--transcribe`, the default) or, with --answer, taken
+    as a spoken question and answered; --question TEXT puts TEXT before the clip."""
+    from herd.ask import SpeechQA
+
+    if args.question and len(args.question) not in (1, len(args.audio)):
+        raise UsageError(
+            f"{len(args.question)} --question for {len(args.audio)} --audio: give one, or one each"
+        )
+    clips = [SpeechQA.read(path) for path in args.audio]  # AudioError names the file and the reason
+    qa = SpeechQA.load(args.model, device=args.device)
+    if args.question:
+        prompts = args.question if len(args.question) == len(clips) else args.question * len(clips)
+    else:
+        prompts = [None if args.answer else qa.transcribe_prompt()] * len(clips)
+    replies = qa.ask(clips, list(prompts), args.max_new_tokens, after=args.after)
+    for path, prompt, reply in zip(args.audio, prompts, replies):
+        print(f"{path}\t{prompt or ''}\t{reply}")
     return 0
 
 
@@ -125,14 +151,22 @@ def register(sub: Any) -> None:
         sub,
         "ask",
         cmd_ask,
-        help="answer questions about images or videos with a trained vision/video checkpoint",
+        help="answer questions about images, videos or audio with a trained vision/video/speech checkpoint",
     )
-    p.add_argument("--model", required=True, help="vision checkpoint folder (herd train vision / quickstart)")
+    p.add_argument("--model", required=True, help="vision, video or speech checkpoint folder (herd train …)")
     p.add_argument("--image", action="append", default=[], help="repeatable; images are batched")
     p.add_argument(
         "--video", action="append", default=[], help="repeatable; videos are batched (a video model)"
     )
     p.add_argument("--frames", type=int, default=None, help="frames per video (default: as trained)")
-    p.add_argument("--question", action="append", required=True, help="one per image/video, or one for all")
+    p.add_argument(
+        "--audio", action="append", default=[], help="repeatable; clips are batched (a speech model)"
+    )
+    p.add_argument("--question", action="append", default=[], help="one per file, or one for all")
+    p.add_argument(
+        "--answer", action="store_true", help="audio without --question: answer the spoken question "
+        "instead of transcribing it"
+    )  # fmt: skip
+    p.add_argument("--after", default="", help="audio: text between the clip and the reply")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-new-tokens", type=int, default=16)

@@ -24,6 +24,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
         run_video_quickstart(out=args.out, overrides=args.overrides, seed=args.seed)
         return 0
+    if args.modality == "speech":  # on the text quickstart's frozen LLM (runs it first when missing)
+        from herd.quickstart_speech import run_speech_quickstart
+
+        run_speech_quickstart(out=args.out, overrides=args.overrides, seed=args.seed)
+        return 0
     from herd.quickstart import run_quickstart
 
     vision = [f"--train.steps={args.vision_steps}"] if args.vision_steps else []
@@ -57,12 +62,13 @@ def register(sub: Any) -> None:
     p.add_argument("--vision-steps", type=int, default=None, help="default: configs/quickstart_vision.toml")
     p.add_argument(
         "--modality",
-        choices=["image", "video"],
+        choices=["image", "video", "speech"],
         default="image",
         help="image (default): text + image stages; video: a video adapter on the image stage's model "
-        "(configs/quickstart_video.toml; overrides apply to the video stage)",
+        "(configs/quickstart_video.toml; overrides apply to the video stage); speech: BEST-RQ, then a speech "
+        "adapter on the text stage's frozen LLM (configs/quickstart_speech*.toml; overrides apply to its SFT)",
     )
-    p.add_argument("--seed", type=int, default=0, help="video: the generated clips' seed")
+    p.add_argument("--seed", type=int, default=0, help="video, speech: the generated data's seed")
 
     p = add_command(
         sub,

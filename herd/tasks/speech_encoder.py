@@ -61,8 +61,10 @@ class SpeechEncoderTask(TaskBase):
 
     def __init__(self, speech: SpeechConfig, data: DataConfig) -> None:
         s = speech
-        if not s.train_manifest:
-            raise ValueError('speech.train_manifest (jsonl of {"audio": path, ...}) is required')
+        if not (s.train_manifest or s.shards):
+            raise ValueError(
+                'speech.train_manifest (jsonl of {"audio": path, ...}) or speech.shards is required'
+            )
         if s.crop_frames < 1 or s.max_seconds <= 0:
             raise ValueError(
                 f"speech.crop_frames must be ≥ 1 and speech.max_seconds > 0, got {s.crop_frames}, {s.max_seconds}"
@@ -116,11 +118,12 @@ class SpeechEncoderTask(TaskBase):
 
     def dataset(self, split: str, rank: int = 0, world_size: int = 1, loop: bool = True) -> AudioDataset:
         s = self.speech
-        manifest = s.val_manifest if split == "val" else s.train_manifest
-        data = AudioDataset.from_jsonl(
-            manifest, rank=rank, world_size=world_size, seed=self.data.seed, loop=loop, shuffle=loop,
-            max_seconds=s.max_seconds,
-        )  # fmt: skip
+        kw = {"rank": rank, "world_size": world_size, "seed": self.data.seed, "loop": loop, "shuffle": loop,
+              "max_seconds": s.max_seconds}  # fmt: skip
+        if split == "train" and s.shards:
+            data = AudioDataset.from_tar_shards(s.shards, **kw)
+        else:
+            data = AudioDataset.from_jsonl(s.val_manifest if split == "val" else s.train_manifest, **kw)
         self._skipped[split] = data.skipped
         return data
 

@@ -5,10 +5,10 @@ import pytest
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
-from speech_inputs import stereo_tone, write_aac
+from speech_inputs import stereo_tone, write_aac, write_bad_audio_files
 from torchaudio.transforms import Resample
 
-from herd.speech.audio import AudioError, read_audio, to_mono_16k
+from herd.speech.audio import AudioError, read_audio, read_audio_bytes, to_mono_16k
 
 
 @pytest.mark.parametrize("ext", ["wav", "flac", "ogg"])
@@ -81,3 +81,34 @@ def test_errors_name_the_file_and_the_reason(tmp_path):
             err.value
         )
         assert isinstance(err.value, ValueError)
+
+
+def test_bytes_decode_as_the_file_and_errors_name_them(tmp_path):
+    sf.write(str(tmp_path / "tone.flac"), stereo_tone(0.5, 44100), 44100)
+    write_aac(tmp_path / "tone.m4a", stereo_tone(0.5, 44100), 44100)  # through PyAV
+    for name in ("tone.flac", "tone.m4a"):
+        wave = read_audio_bytes((tmp_path / name).read_bytes(), f"s.tar#{name}")
+        assert torch.equal(wave, read_audio(tmp_path / name)), name
+    bad = write_bad_audio_files(tmp_path / "bad")  # {"bad/garbage.wav": "not_audio", ...}
+    write_aac(tmp_path / "bad" / "long.m4a", stereo_tone(3.0, 16000), 16000)
+    nan = np.zeros(1600, np.float32)
+    nan[5] = np.inf
+    sf.write(str(tmp_path / "bad" / "nan.wav"), nan, 16000, subtype="FLOAT")
+    bad |= {"bad/long.m4a": "too_long", "bad/nan.wav": "bad_samples"}
+    for rel, reason in bad.items():
+        if reason in ("missing_file", "too_short"):  # no bytes to read; too short is the dataset's limit
+            continue
+        data = (tmp_path / rel).read_bytes()
+        with pytest.raises(AudioError) as err:
+            read_audio_bytes(data, f"shard.tar#{rel}", max_seconds=2.0)
+        assert err.value.reason == reason, rel
+        assert str(err.value).startswith(f"shard.tar#{rel}: ") and "BytesIO" not in str(err.value), str(
+            err.value
+        )
+        with pytest.raises(AudioError) as from_file:
+            read_audio(tmp_path / rel, max_seconds=2.0)
+        assert (
+            str(err.value).removeprefix(f"shard.tar#{rel}")
+            == str(from_file.value).removeprefix(str(tmp_path / rel))
+            or reason == "not_audio"
+        )  # the decoders' own wording of the cause differs
