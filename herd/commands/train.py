@@ -27,7 +27,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     if args.modality == "speech":  # on the text quickstart's frozen LLM (runs it first when missing)
         from herd.quickstart_speech import run_speech_quickstart
 
-        run_speech_quickstart(out=args.out, overrides=args.overrides, seed=args.seed)
+        run_speech_quickstart(
+            out=args.out, overrides=args.overrides, seed=args.seed, pretrain_steps=args.pretrain_steps
+        )
         return 0
     from herd.quickstart import run_quickstart
 
@@ -69,6 +71,10 @@ def register(sub: Any) -> None:
         "adapter on the text stage's frozen LLM (configs/quickstart_speech*.toml; overrides apply to its SFT)",
     )
     p.add_argument("--seed", type=int, default=0, help="video, speech: the generated data's seed")
+    p.add_argument(
+        "--pretrain-steps", type=int, default=None,
+        help="speech: BEST-RQ steps (default: configs/quickstart_speech_encoder.toml; 0 skips pretraining)",
+    )  # fmt: skip
 
     p = add_command(
         sub,

@@ -129,13 +129,13 @@ class SpeechTask(TaskBase):
     def _encoder_args(self) -> ConformerArgs:
         s = self.speech
         if s.init_encoder:
-            config = read_speech_encoder_config(s.init_encoder)
-            if s.encoder_args:
+            loaded = ConformerArgs(**read_speech_encoder_config(s.init_encoder)["encoder_args"])
+            if s.encoder_args and get_speech_preset(s.encoder, **s.encoder_args) != loaded:
                 raise ValueError(
-                    f"speech.encoder_args and speech.init_encoder ({s.init_encoder}) both set: the "
-                    "encoder's architecture comes from its checkpoint"
+                    f"speech.encoder_args describe another encoder than speech.init_encoder ({s.init_encoder}) "
+                    "holds: both set, and the encoder's architecture comes from its checkpoint"
                 )
-            return ConformerArgs(**config["encoder_args"])
+            return loaded
         return get_speech_preset(s.encoder, **s.encoder_args)
 
     # --- model ----------------------------------------------------------------------------------------

@@ -210,3 +210,21 @@ def test_parallel_layouts_match_single_process(setup, tmp_path, layout):
     multi = spawn_ranks(run_speech, 2, setup, tmp_path / "b", ["--train.steps=3", *layout])[0]
     assert multi[0] == pytest.approx(single[0], abs=1e-5)  # losses
     assert multi[1] == pytest.approx(single[1], abs=1e-4)  # grad norms
+
+
+def test_the_speech_quickstart_runs_end_to_end_at_a_tiny_size(setup, tmp_path):
+    from herd.quickstart_speech import run_speech_quickstart
+
+    (tmp_path / "text_model").symlink_to(setup / "llm")  # the text stage's model, as the quickstart reuses it
+    report = run_speech_quickstart(
+        tmp_path, ["--train.steps=2", "--data.batch_size=4", "--metrics.tensorboard=false"], n_train=12,
+        n_test=8, pretrain_steps=2,
+    )  # fmt: skip
+    saved = json.loads((tmp_path / "quickstart_speech.json").read_text())
+    assert saved["word_accuracy"] == report["word_accuracy"] <= 1.0
+    assert set(saved["word_accuracy_per_voice"]) <= {"en-us+m7", "en+f5", "en-gb-x-rp+m6"}
+    assert saved["text_only_unchanged"] is True
+    assert saved["speech"]["pretraining"]["steps"] == 2 and saved["speech"]["steps"] == 2
+    assert all(q["question"].startswith("what is") for q in saved["speech"]["spoken_questions"])
+    loaded, _, config = load_speech_model(tmp_path / "speech_model")
+    assert config["encoder_args"].dim == 96  # the quickstart's encoder, from its BEST-RQ export
