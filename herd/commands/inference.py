@@ -4,6 +4,7 @@
     herd chat --model runs/sft/model --system "be brief" --message "hi"
     herd ask --model runs/quickstart/vision_model --image shapes.png --question "How many shapes?"
     herd ask --model runs/quickstart/speech_model --audio a.wav --audio b.wav      # transcribes both
+    herd serve --model runs/quickstart/vision_model --port 8000 --api-key KEY      # OpenAI-compatible API
 
 Python: `herd.text.generation.generate_text`, `herd.text.chat.ChatSession`, `herd.ask.VisionQA`.
 """
@@ -124,6 +125,24 @@ def _ask_audio(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`herd.serving.server.serve`: the OpenAI chat-completions API over any herd checkpoint."""
+    import importlib.util
+
+    from herd.serving.server import ServeOptions, serve
+
+    if args.guard and importlib.util.find_spec("herd.guard") is None:
+        raise UsageError(
+            "--guard needs the herd.guard module (Llama Guard), which this checkout does not have"
+        )
+    for name in ("max_upload_mb", "max_batch", "max_queue", "max_tokens"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
+    options = ServeOptions(args.host, args.port, args.max_upload_mb, args.api_key, args.guard, args.max_batch,
+                           args.max_queue, args.max_tokens)  # fmt: skip
+    return serve(args.model, options, device=args.device)
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (Meta or Hugging Face layout)")
     p.add_argument("--device", default="cpu")
@@ -135,7 +154,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    """Add `generate`, `chat` and `ask` to the top-level subparsers."""
+    """Add `generate`, `chat`, `ask` and `serve` to the top-level subparsers."""
     p = add_command(sub, "generate", cmd_generate, help="plain completion from a checkpoint")
     _add_model_options(p)
     p.add_argument("--prompt", action="append", help="repeatable; prompts are batched (default: stdin)")
@@ -170,3 +189,17 @@ def register(sub: Any) -> None:
     p.add_argument("--after", default="", help="audio: text between the clip and the reply")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-new-tokens", type=int, default=16)
+
+    p = add_command(sub, "serve", cmd_serve, help="serve a checkpoint over the OpenAI chat-completions API")
+    p.add_argument("--model", required=True, help="text, vision/video or speech checkpoint folder")
+    p.add_argument("--host", default="127.0.0.1", help="default: loopback only")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="request body limit (413 beyond)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
+    p.add_argument(
+        "--guard", default=None, help="Llama Guard checkpoint for herd.guard (input/output filter)"
+    )
+    p.add_argument("--max-batch", type=int, default=8, help="requests that share a decode step")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
+    p.add_argument("--max-tokens", type=int, default=512, help="cap on any request's max_tokens")
+    p.add_argument("--device", default="cpu")
