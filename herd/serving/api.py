@@ -3,7 +3,7 @@
     POST /v1/chat/completions   messages[].content: a string, or parts `text`, `image_url` (data: URLs),
                                 `input_audio` ({"data": base64, "format": "wav"|"mp3"}), `video_url`
                                 (vLLM's extension, data: URLs); max_tokens, temperature, top_p, seed, stop,
-                                stream (server-sent events), return_token_ids (vLLM's extension)
+                                stream (server-sent events); vLLM's return_token_ids and ignore_eos
     GET  /v1/models             the one served model
     GET  /health                200 while the server runs
 
@@ -77,6 +77,7 @@ class ChatRequest(_Strict):
     stream_options: dict[str, Any] | None = None
     n: int = Field(default=1, ge=1, le=1)
     return_token_ids: bool = False
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever the model samples
 
 
 @dataclass
@@ -231,6 +232,7 @@ def build_app(served: ServedModel, batcher: Batcher, config: ServerConfig) -> Fa
 
         params = SamplingParams(min(requested, config.max_tokens), req.temperature, req.top_p, req.seed)
         job = await run_in_threadpool(served.job, turns, params)
+        job.ignore_stop = req.ignore_eos
         job.params.max_new_tokens = max(1, min(params.max_new_tokens, served.max_seq_len - len(job.prompt)))
         events: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()

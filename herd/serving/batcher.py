@@ -64,6 +64,7 @@ class Job:
     # base LLM's `prefill`. Runs on the worker thread, so it may bind inputs to the model.
     prefill: Callable[[int], tuple[KVCache, torch.Tensor]] | None = None
     solo: nn.Module | None = None  # decode alone with this model instead of joining the batch
+    ignore_stop: bool = False  # vLLM's ignore_eos: run to max_new_tokens (load tests)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -230,7 +231,7 @@ class Batcher:
         if row.job.cancelled.is_set():
             row.job.emit(Event(finish="cancelled"))
             return True
-        if token in self.stop_ids:
+        if token in self.stop_ids and not row.job.ignore_stop:
             row.job.emit(Event(finish="stop"))
             return True
         row.job.emit(Event(token=token))

@@ -62,28 +62,28 @@ def test_rows_joining_and_leaving_match_generate_alone(served):
 
 
 def test_concurrent_http_requests_match_alone_and_full_queue_is_503(served):
-    options = ServeOptions(port=0, max_batch=4, max_queue=2, max_tokens=10)
-    with running(served, options) as url, httpx.Client(base_url=url, timeout=60) as client:
+    def ask(client, q):
+        body = {
+            "messages": [{"role": "user", "content": q}],
+            "max_tokens": 10,
+            "temperature": 0,
+            "return_token_ids": True,
+        }
+        return client.post("/v1/chat/completions", json=body)
 
-        def ask(q):
-            body = {
-                "messages": [{"role": "user", "content": q}],
-                "max_tokens": 10,
-                "temperature": 0,
-                "return_token_ids": True,
-            }
-            return client.post("/v1/chat/completions", json=body)
-
-        with ThreadPoolExecutor(16) as pool:
-            replies = list(pool.map(ask, QUESTIONS * 2))
-        ok = [(q, r) for q, r in zip(QUESTIONS * 2, replies) if r.status_code == 200]
-        busy = [r for r in replies if r.status_code == 503]
-        assert len(ok) + len(busy) == len(replies) and len(ok) >= 4
-        assert all("queue is full" in r.json()["error"]["message"] for r in busy)
-        for q, r in ok:
-            prompt = r.json()["prompt_token_ids"]
-            assert r.json()["choices"][0]["token_ids"] == alone(served, prompt, 10), q
-        assert ask("Say hi.").status_code == 200  # the queue drained
+    for max_queue in (64, 1):  # room for all: every request answered; a queue of one: the rest 503
+        options = ServeOptions(port=0, max_batch=4, max_queue=max_queue, max_tokens=10)
+        with running(served, options) as url, httpx.Client(base_url=url, timeout=60) as client:
+            with ThreadPoolExecutor(16) as pool:
+                replies = list(pool.map(lambda q, c=client: ask(c, q), QUESTIONS * 2))
+            ok = [(q, r) for q, r in zip(QUESTIONS * 2, replies) if r.status_code == 200]
+            busy = [r for r in replies if r.status_code != 200]
+            assert all(r.status_code == 503 and "queue is full" in r.json()["error"]["message"] for r in busy)
+            assert len(ok) == 16 if max_queue == 64 else len(ok) >= 1
+            for q, r in ok:
+                prompt = r.json()["prompt_token_ids"]
+                assert r.json()["choices"][0]["token_ids"] == alone(served, prompt, 10), q
+            assert ask(client, "Say hi.").status_code == 200  # the queue drained
 
 
 def test_submit_refuses_when_full_and_too_long(served):
