@@ -48,7 +48,7 @@ def test_every_command_is_registered_once_under_one_scheme():
     assert (
         list(choices)
         == list(TASKS)
-        == ["text", "vision", "video", "sft", "rm", "dpo", "ppo", "speech-encoder"]
+        == ["text", "vision", "video", "sft", "rm", "dpo", "ppo", "speech-encoder", "speech"]
     )
 
 
