@@ -2,7 +2,7 @@
 
     herd quickstart                        train a tiny text model and a vision adapter on CPU, end to end
     herd train TASK --config PATH          the one training loop; TASK from herd.task.TASKS
-    herd generate | chat | ask             inference with a checkpoint
+    herd generate | chat | guard | ask     inference with a checkpoint (guard: the Llama Guard 3 filter)
     herd post sample|gatt|average|dpo-reference      post-training data and checkpoints
     herd data tokenize|dedup-images|dedup-text|filter-text|filter-clip|resample   data preparation
     herd convert | plan                    checkpoint layouts; memory/throughput of parallel layouts
@@ -24,7 +24,7 @@ from herd.commands.registry import HerdParser, add_command, add_group
 
 EPILOG = """commands by family:
   train        quickstart, train TASK
-  inference    generate, chat, ask
+  inference    generate, chat, guard, ask
   post         post sample | gatt | average | dpo-reference
   data         data tokenize | dedup-images | dedup-text | filter-text | filter-clip | resample
   models       convert, plan

@@ -36,7 +36,7 @@ def write_png_header(path: Path, width: int, height: int) -> Path:
 
 def test_every_command_is_registered_once_under_one_scheme():
     assert command_names() == [
-        "quickstart", "train", "generate", "chat", "ask",
+        "quickstart", "train", "generate", "chat", "guard", "ask",
         "post sample", "post gatt", "post average", "post dpo-reference",
         "data tokenize", "data dedup-images", "data dedup-text", "data filter-text", "data filter-clip",
         "data resample", "data filter-videos",
@@ -48,7 +48,7 @@ def test_every_command_is_registered_once_under_one_scheme():
     assert (
         list(choices)
         == list(TASKS)
-        == ["text", "vision", "video", "sft", "rm", "dpo", "ppo", "speech-encoder"]
+        == ["text", "vision", "video", "sft", "rm", "dpo", "ppo", "speech-encoder", "speech"]
     )
 
 
