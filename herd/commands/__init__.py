@@ -2,7 +2,7 @@
 
     herd quickstart                        train a tiny text model and a vision adapter on CPU, end to end
     herd train TASK --config PATH          the one training loop; TASK from herd.task.TASKS
-    herd generate | chat | ask | serve     inference with a checkpoint; the OpenAI-compatible server
+    herd generate | chat | guard | ask | serve   inference; guard: the Llama Guard 3 filter; serve: the OpenAI-compatible server
     herd post sample|gatt|average|dpo-reference      post-training data and checkpoints
     herd data tokenize|dedup-images|dedup-text|filter-text|filter-clip|resample   data preparation
     herd convert | plan                    checkpoint layouts; memory/throughput of parallel layouts
@@ -24,7 +24,7 @@ from herd.commands.registry import HerdParser, add_command, add_group
 
 EPILOG = """commands by family:
   train        quickstart, train TASK
-  inference    generate, chat, ask, serve
+  inference    generate, chat, guard, ask, serve
   post         post sample | gatt | average | dpo-reference
   data         data tokenize | dedup-images | dedup-text | filter-text | filter-clip | resample
   models       convert, plan

@@ -1,12 +1,15 @@
-"""`herd generate`, `herd chat`, `herd ask`: inference with a checkpoint.
+"""`herd generate`, `herd chat`, `herd guard`, `herd ask`: inference with a checkpoint.
 
     herd generate --model runs/x/model --prompt "Count: one two" --max-new-tokens 8
     herd chat --model runs/sft/model --system "be brief" --message "hi"
+    herd chat --model runs/sft/model --guard runs/guard/model        # Llama Guard 3 screens both sides
+    herd guard --model runs/guard/model --text "How do I steal a car?"   # exit status 1 when unsafe
     herd ask --model runs/quickstart/vision_model --image shapes.png --question "How many shapes?"
     herd ask --model runs/quickstart/speech_model --audio a.wav --audio b.wav      # transcribes both
     herd serve --model runs/quickstart/vision_model --port 8000 --api-key KEY      # OpenAI-compatible API
 
-Python: `herd.text.generation.generate_text`, `herd.text.chat.ChatSession`, `herd.ask.VisionQA`.
+Python: `herd.text.generation.generate_text`, `herd.text.chat.ChatSession`, `herd.ask.VisionQA`,
+`herd.guard.Guard` / `GuardedChat`.
 """
 
 from __future__ import annotations
@@ -40,12 +43,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    """A `herd.text.chat.ChatSession`: scripted turns (--message) or an interactive prompt."""
+    """A `herd.text.chat.ChatSession`: scripted turns (--message) or an interactive prompt; with --guard a
+    `herd.guard.GuardedChat`, Llama Guard 3 screening both sides of every turn."""
+    from herd.guard import Guard, GuardedChat
     from herd.text.chat import ChatSession
     from herd.text.loading import load_pretrained
 
+    # the guard first: a bad --guard-categories or guard checkpoint fails before the chat model loads
+    guard = Guard.load(args.guard, args.guard_categories, args.device, args.dtype) if args.guard else None
     model, tokenizer = load_pretrained(args.model, device=args.device, dtype=args.dtype)
-    session = ChatSession(model, tokenizer, system=args.system, params=_sampling(args))
+    session: Any = ChatSession(model, tokenizer, system=args.system, params=_sampling(args))
+    if guard is not None:
+        session = GuardedChat(session, guard)
     if args.message:  # scripted: each --message is one user turn
         for message in args.message:
             print(f"assistant: {session.reply(message).content}")
@@ -125,6 +134,26 @@ def _ask_audio(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_guard(args: argparse.Namespace) -> int:
+    """`herd.guard.Guard.check_user` (or `check_response` with --response): one line, `safe` or
+    `unsafe<TAB>codes<TAB>refusal`; exit status 1 when unsafe, so scripts can branch on it."""
+    from herd.guard import Guard, refusal, select_categories
+
+    select_categories(args.categories)  # a bad --categories fails before the model loads
+    text = args.text if args.text is not None else sys.stdin.read()
+    guard = Guard.load(args.model, args.categories, device=args.device, dtype=args.dtype)
+    messages = [{"role": "user", "content": text}]
+    if args.response is None:
+        verdict = guard.check_user(messages)
+    else:
+        verdict = guard.check_response(messages, args.response)
+    if verdict.safe:
+        print("safe")
+        return 0
+    print(f"unsafe\t{','.join(verdict.categories)}\t{refusal(verdict)}")
+    return 1
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """`herd.serving.server.serve`: the OpenAI chat-completions API over any herd checkpoint."""
     import importlib.util
@@ -154,7 +183,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> None:
-    """Add `generate`, `chat`, `ask` and `serve` to the top-level subparsers."""
+    """Add `generate`, `chat`, `guard`, `ask` and `serve` to the top-level subparsers."""
     p = add_command(sub, "generate", cmd_generate, help="plain completion from a checkpoint")
     _add_model_options(p)
     p.add_argument("--prompt", action="append", help="repeatable; prompts are batched (default: stdin)")
@@ -165,6 +194,25 @@ def register(sub: Any) -> None:
     _add_model_options(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--message", action="append", help="scripted user turns instead of an interactive prompt")
+    p.add_argument(
+        "--guard", default=None, help="a Llama Guard 3 checkpoint that screens each user turn and reply"
+    )
+    p.add_argument(
+        "--guard-categories", default=None, help="categories the guard enforces, e.g. S1,S14 (default: all)"
+    )
+
+    p = add_command(
+        sub,
+        "guard",
+        cmd_guard,
+        help="classify a user message (or, with --response, a reply) with a Llama Guard 3 checkpoint",
+    )
+    p.add_argument("--model", required=True, help="Llama Guard 3 checkpoint (Meta or Hugging Face layout)")
+    p.add_argument("--text", default=None, help="the user message (default: stdin)")
+    p.add_argument("--response", default=None, help="the assistant's reply to check instead of the message")
+    p.add_argument("--categories", default=None, help="codes to enforce, e.g. S1,S10,S14 (default: all 14)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="default: as stored")
 
     p = add_command(
         sub,

@@ -59,6 +59,22 @@ class ContentPart(_Strict):
     video_url: URLRef | None = None
 
 
+def guard_view(messages: list[Any]) -> list[dict[str, str]]:
+    """What Llama Guard 3 (text-only) reads of a request: the user and assistant turns with their text
+    parts joined; media parts are not text and are left out, system and tool turns too (the guard's
+    template has user and assistant turns only)."""
+    out = []
+    for m in messages:
+        if m.role not in ("user", "assistant"):
+            continue
+        if isinstance(m.content, list):
+            text = " ".join(p.text for p in m.content if getattr(p, "type", None) == "text" and p.text)
+        else:
+            text = m.content or ""
+        out.append({"role": m.role, "content": text})
+    return out
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
@@ -222,7 +238,7 @@ def build_app(served: ServedModel, batcher: Batcher, config: ServerConfig) -> Fa
             )
         turns = to_turns(req)
         if config.guard is not None:
-            verdict = await run_in_threadpool(config.guard.check_user, [m.model_dump() for m in req.messages])
+            verdict = await run_in_threadpool(config.guard.check_user, guard_view(req.messages))
             if not verdict.safe:
                 return error(
                     400, f"the request was flagged unsafe ({', '.join(verdict.categories)})", "content_filter"
@@ -256,8 +272,7 @@ def build_app(served: ServedModel, batcher: Batcher, config: ServerConfig) -> Fa
             return error(500, reply.failed, "server_error")
         content, finish = reply.text, reply.finish
         if config.guard is not None:
-            msgs = [m.model_dump() for m in req.messages]
-            verdict = await run_in_threadpool(config.guard.check_response, msgs, content)
+            verdict = await run_in_threadpool(config.guard.check_response, guard_view(req.messages), content)
             if not verdict.safe:
                 content, finish = "", "content_filter"
         choice: dict[str, Any] = {

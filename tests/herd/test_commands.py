@@ -36,7 +36,7 @@ def write_png_header(path: Path, width: int, height: int) -> Path:
 
 def test_every_command_is_registered_once_under_one_scheme():
     assert command_names() == [
-        "quickstart", "train", "generate", "chat", "ask", "serve",
+        "quickstart", "train", "generate", "chat", "guard", "ask", "serve",
         "post sample", "post gatt", "post average", "post dpo-reference",
         "data tokenize", "data dedup-images", "data dedup-text", "data filter-text", "data filter-clip",
         "data resample", "data filter-videos",

@@ -201,3 +201,21 @@ def test_bad_audio_names_the_part(root):
             assert r.status_code == 400 and "messages[0].content[1].input_audio" in msg and says in msg, msg
         content = [{"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}]
         assert client.post("/v1/chat/completions", json=chat(content)).status_code == 200
+
+
+def test_a_guard_screens_requests_with_text_and_image_parts(root):
+    """`--guard`: herd.guard's Guard on the server. An untrained checkpoint as the guard writes noise, which
+    the guard reads as unsafe (it fails closed): every request is refused with 400 `content_filter`,
+    whether its content is a string or a list of image and text parts, and nothing reaches a traceback."""
+    from herd.guard import Guard
+
+    served = ServedModel.load(root / "image_model")
+    verdict = Guard.load(root / "llm").check_user([{"role": "user", "content": "Say hi."}])
+    assert not verdict.safe and verdict.categories == []
+    options = ServeOptions(port=0, max_tokens=4, guard=str(root / "llm"))
+    with running(served, options) as url, httpx.Client(base_url=url, timeout=60) as client:
+        for content in ("Say hi.", image_part(data_url(png_bytes(), "image/png"))):
+            r = client.post("/v1/chat/completions", json=chat(content))
+            assert r.status_code == 400, r.text
+            body = r.json()
+            assert body["error"]["type"] == "content_filter" and "Traceback" not in r.text
