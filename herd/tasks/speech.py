@@ -38,14 +38,14 @@ from herd.adapters.speech_io import save_speech_state
 from herd.adapters.speech_llama import SpeechLlama
 from herd.config import DataConfig, SpeechConfig
 from herd.data.records import IGNORE_INDEX, SkipCounter
-from herd.data.training.audio import AudioDataset
 from herd.losses import causal_lm_loss
 from herd.plans.speech import SPEECH_PLAN
 from herd.speech.conformer import ConformerEncoder
 from herd.speech.conformer_args import ConformerArgs, get_speech_preset
 from herd.speech.encoder_io import load_speech_encoder, read_speech_encoder_config
 from herd.speech.features import LogMel, normalize_per_utterance, pad_features
-from herd.task import LossOutput, ResumableBatches, TaskBase
+from herd.task import LossOutput, TaskBase
+from herd.tasks.speech_encoder import AudioData
 from herd.tasks.vision import batches_of
 from herd.text.loading import load_checkpoint
 from herd.text.model import Llama
@@ -88,7 +88,7 @@ def spec_augment(features: torch.Tensor, generator: torch.Generator) -> torch.Te
     return out
 
 
-class SpeechTask(TaskBase):
+class SpeechTask(AudioData, TaskBase):
     """Speech adapter + encoder training on a frozen LLM (`herd train speech`). Config sections:
     `[speech]` (the frozen LLM, encoder, adapter, prompts, manifests) and `[data]` (batch size, seed)."""
 
@@ -96,6 +96,7 @@ class SpeechTask(TaskBase):
     layouts = frozenset({"fsdp", "hsdp", "tp"})
     plan = SPEECH_PLAN
     sections = ("speech", "data")
+    record_check = staticmethod(check_speech_record)
 
     def __init__(self, speech: SpeechConfig, data: DataConfig, tokenizer: Any | None = None) -> None:
         s = speech
@@ -215,30 +216,8 @@ class SpeechTask(TaskBase):
         features, lengths, _ = pad_features(feats)
         return {"tokens": tokens, "labels": labels, "audio_features": features, "audio_lengths": lengths}
 
-    def dataset(self, split: str, rank: int = 0, world_size: int = 1, loop: bool = True) -> AudioDataset:
-        s = self.speech
-        kw = {"rank": rank, "world_size": world_size, "seed": self.data.seed, "loop": loop, "shuffle": loop,
-              "max_seconds": s.max_seconds, "check": check_speech_record}  # fmt: skip
-        if split == "train" and s.shards:
-            data = AudioDataset.from_tar_shards(s.shards, **kw)
-        else:
-            data = AudioDataset.from_jsonl(s.val_manifest if split == "val" else s.train_manifest, **kw)
-        self._skipped[split] = data.skipped
-        return data
-
-    def skip_counts(self) -> dict[str, SkipCounter]:
-        return dict(self._skipped)
-
-    def train_batches(self, rank: int, world_size: int) -> ResumableBatches:
-        if self.data.batch_size % world_size:
-            raise ValueError(
-                f"data.batch_size {self.data.batch_size} is not divisible by {world_size} data ranks"
-            )
-        self.train_data = self.dataset("train", rank, world_size)
-        augment = self.speech.spec_augment
-        return ResumableBatches(
-            self.train_data, self.data.batch_size // world_size, lambda b: self.encode(b, augment)
-        )
+    def encode_train(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.encode(samples, augment=self.speech.spec_augment)
 
     def val_batches(self):
         if not self.speech.val_manifest:

@@ -24,6 +24,7 @@ Export: the encoder alone, `herd.speech.encoder_io` (any `checkpoint.export_form
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,43 @@ from herd.speech.features import LogMel, normalize_per_utterance, pad_features
 from herd.task import LossOutput, ResumableBatches, TaskBase
 
 
-class SpeechEncoderTask(TaskBase):
+class AudioData:
+    """The data side shared by the tasks that read `[speech]` audio (a jsonl manifest or tar shards):
+    `dataset`, `skip_counts`, `train_batches`. A task sets `record_check` (fields → skip reason or None)
+    and has `encode`; `encode_train` is what training batches go through (the SFT task augments there)."""
+
+    speech: SpeechConfig
+    data: DataConfig
+    _skipped: dict[str, SkipCounter]
+    record_check: Callable[[dict[str, Any]], str | None] | None = None
+
+    def dataset(self, split: str, rank: int = 0, world_size: int = 1, loop: bool = True) -> AudioDataset:
+        s = self.speech
+        kw = {"rank": rank, "world_size": world_size, "seed": self.data.seed, "loop": loop, "shuffle": loop,
+              "max_seconds": s.max_seconds, "check": self.record_check}  # fmt: skip
+        if split == "train" and s.shards:
+            data = AudioDataset.from_tar_shards(s.shards, **kw)
+        else:
+            data = AudioDataset.from_jsonl(s.val_manifest if split == "val" else s.train_manifest, **kw)
+        self._skipped[split] = data.skipped
+        return data
+
+    def skip_counts(self) -> dict[str, SkipCounter]:
+        return dict(self._skipped)
+
+    def encode_train(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.encode(samples)  # type: ignore[attr-defined]
+
+    def train_batches(self, rank: int, world_size: int) -> ResumableBatches:
+        if self.data.batch_size % world_size:
+            raise ValueError(
+                f"data.batch_size {self.data.batch_size} is not divisible by {world_size} data ranks"
+            )
+        self.train_data = self.dataset("train", rank, world_size)
+        return ResumableBatches(self.train_data, self.data.batch_size // world_size, self.encode_train)
+
+
+class SpeechEncoderTask(AudioData, TaskBase):
     """BEST-RQ pretraining (`herd train speech-encoder`). Config sections: `[speech]` (encoder, quantizer,
     masking, manifests) and `[data]` (batch size, seed)."""
 
@@ -116,28 +153,6 @@ class SpeechEncoderTask(TaskBase):
         return {"features": features, "inputs": inputs, "lengths": lengths, "mask": mask,
                 "target_mask": target_mask}  # fmt: skip
 
-    def dataset(self, split: str, rank: int = 0, world_size: int = 1, loop: bool = True) -> AudioDataset:
-        s = self.speech
-        kw = {"rank": rank, "world_size": world_size, "seed": self.data.seed, "loop": loop, "shuffle": loop,
-              "max_seconds": s.max_seconds}  # fmt: skip
-        if split == "train" and s.shards:
-            data = AudioDataset.from_tar_shards(s.shards, **kw)
-        else:
-            data = AudioDataset.from_jsonl(s.val_manifest if split == "val" else s.train_manifest, **kw)
-        self._skipped[split] = data.skipped
-        return data
-
-    def skip_counts(self) -> dict[str, SkipCounter]:
-        return dict(self._skipped)
-
-    def train_batches(self, rank: int, world_size: int) -> ResumableBatches:
-        if self.data.batch_size % world_size:
-            raise ValueError(
-                f"data.batch_size {self.data.batch_size} is not divisible by {world_size} data ranks"
-            )
-        self.train_data = self.dataset("train", rank, world_size)
-        return ResumableBatches(self.train_data, self.data.batch_size // world_size, self.encode)
-
     def val_batches(self):
         if not self.speech.val_manifest:
             return None
@@ -194,4 +209,4 @@ class SpeechEncoderTask(TaskBase):
         )  # fmt: skip
 
 
-__all__ = ["SpeechEncoderTask"]
+__all__ = ["AudioData", "SpeechEncoderTask"]
