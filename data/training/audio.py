@@ -30,7 +30,6 @@ noise) is then the same whatever the layout, and differs from one epoch to the n
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from typing import Any
 import torch
 
 from herd.data.records import SkipCounter, iter_jsonl
-from herd.data.training.image_text import Media, Record, index_tar_shards, write_tar_shards
+from herd.data.training.image_text import Media, Record, index_tar_shards, shard_paths, write_tar_shards
 from herd.data.training.record_stream import RecordStream, sample_seed
 from herd.speech.audio import AudioError, read_audio, read_audio_bytes
 from herd.speech.features import WIN_LENGTH
@@ -113,16 +112,6 @@ def index_audio_shards(
     return index_tar_shards(paths, skipped, shard_check, AUDIO)
 
 
-def _shard_paths(paths: str | Path | Iterable[str | Path]) -> list[str | Path]:
-    """Shard files as given, a folder's `*.tar`, or a glob pattern's matches: what
-    `image_text.MediaTextDataset.from_tar_shards` does inline (a shared helper there would replace this)."""
-    if isinstance(paths, str | Path):
-        if Path(paths).is_dir():
-            return sorted(Path(paths).glob("*.tar"))
-        return sorted(glob.glob(str(paths))) if any(c in str(paths) for c in "*?[") else [paths]
-    return list(paths)
-
-
 def decode_audio(rec: AudioRecord, max_seconds: float | None = None) -> torch.Tensor:
     """The record's waveform: from its file, or from its byte range in a shard (errors then name
     `shard.tar#key`)."""
@@ -174,7 +163,7 @@ class AudioDataset(RecordStream):
     ) -> AudioDataset:
         """`paths`: shard files, a folder (all its `*.tar`) or a glob pattern ("shards/*.tar")."""
         skipped = SkipCounter()
-        records = index_audio_shards(_shard_paths(paths), skipped, check, max_seconds)
+        records = index_audio_shards(shard_paths(paths), skipped, check, max_seconds)
         return cls(records, skipped=skipped, max_seconds=max_seconds, **kw)
 
     def load(self, index: int, epoch: int) -> dict[str, Any] | None:

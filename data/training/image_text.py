@@ -221,6 +221,15 @@ def _index_shard(
         skipped.add("truncated_shard" if opened else "unreadable_shard", f"{path}: {err}")
 
 
+def shard_paths(paths: str | Path | Iterable[str | Path]) -> list[str | Path]:
+    """Shard files as given, a folder's `*.tar` (sorted), or a glob pattern's matches (sorted)."""
+    if isinstance(paths, str | Path):
+        if Path(paths).is_dir():
+            return sorted(Path(paths).glob("*.tar"))
+        return sorted(glob.glob(str(paths))) if any(c in str(paths) for c in "*?[") else [paths]
+    return list(paths)
+
+
 def index_tar_shards(
     paths: Iterable[str | Path],
     skipped: SkipCounter | None = None,
@@ -288,13 +297,8 @@ class MediaTextDataset(torch.utils.data.IterableDataset):
         cls, paths: str | Path | Iterable[str | Path], check: RecordCheck | None = None, **kw: Any
     ) -> Any:  # an instance of cls
         """`paths`: shard files, a folder (all its `*.tar`) or a glob pattern ("shards/*.tar")."""
-        if isinstance(paths, str | Path):
-            if Path(paths).is_dir():
-                paths = sorted(Path(paths).glob("*.tar"))
-            else:
-                paths = sorted(glob.glob(str(paths))) if any(c in str(paths) for c in "*?[") else [paths]
         skipped = SkipCounter()
-        return cls(index_tar_shards(paths, skipped, check, cls.media), skipped=skipped, **kw)
+        return cls(index_tar_shards(shard_paths(paths), skipped, check, cls.media), skipped=skipped, **kw)
 
     def __len__(self) -> int:
         return self.rounds
