@@ -21,10 +21,16 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from herd.data.curation.embed import EmbedConfig, embed_source, load_embeddings, wait_for_ranks
+from herd.data.curation.embed import (
+    EmbedConfig,
+    embed_source,
+    load_embeddings,
+    shard_files,
+    wait_for_ranks,
+)
 from herd.data.curation.image_sources import ImageSource, open_image_ref
 from herd.data.curation.near_dup_search import Pairs, SearchConfig, connected_groups, find_pairs
-from herd.data.records import atomic_write, atomic_write_json, dumps
+from herd.data.records import atomic_write, atomic_write_json, dumps, read_jsonl
 
 
 def _score(rec: dict[str, Any]) -> float:
@@ -105,14 +111,28 @@ def dedup_embeddings(
     """Group rows of `x` (n, d) unit-norm by near-duplicate search and write keep/groups/report."""
     if len(x) != len(records):
         raise ValueError(f"{len(x)} descriptors for {len(records)} records")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pairs: Pairs = find_pairs(x, cfg)
-    labels = connected_groups(len(x), pairs)
+    return write_dedup_outputs(pairs, records, cfg, out_dir, contact_groups, extra_report, t0)
+
+
+def write_dedup_outputs(
+    pairs: Pairs,
+    records: Sequence[dict[str, Any]],
+    cfg: SearchConfig,
+    out_dir: str | Path,
+    contact_groups: int = 8,
+    extra_report: dict[str, Any] | None = None,
+    t0: float | None = None,
+) -> dict[str, Any]:
+    """Groups from `pairs` (rows of `records`), keep rule, keep/groups/report/contact sheet."""
+    t0 = time.perf_counter() if t0 is None else t0
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = connected_groups(len(records), pairs)
     groups = group_members(labels)
     keep_of_group = {g: choose_keep(list(m), records) for g, m in enumerate(groups)}
-    removed = np.zeros(len(x), bool)
+    removed = np.zeros(len(records), bool)
     for g, m in enumerate(groups):
         removed[m] = True
         removed[keep_of_group[g]] = False
@@ -178,32 +198,29 @@ def dedup_images(
     world: int = 1,
     wait_timeout_s: float = 86400.0,
     contact_groups: int = 8,
+    sharded: bool = False,
+    shard_rows: int = 65536,
 ) -> dict[str, Any] | None:
     """Full pipeline. With `embeddings` (an .npy whose rows follow the input order) no model runs;
-    otherwise `model` embeds this rank's work shards into `work_dir`. Ranks > 0 stop after embedding
-    (returning None); rank 0 waits for all ranks, then searches and writes the outputs."""
+    otherwise `model` embeds this rank's work shards into `work_dir`. Ranks > 0 return None.
+
+    sharded=False: ranks > 0 stop after embedding; rank 0 waits for all ranks, loads every descriptor
+    and searches alone (`near_dup_search.find_pairs`). sharded=True: every stage runs on every rank
+    (`sharded_dup_search`, method "clusters"; float16 shards of `shard_rows` rows when descriptors
+    are brought) and only rank 0 writes the outputs."""
     out = Path(out_dir)
     extra: dict[str, Any] = {"source": source.describe()}
+    if sharded:
+        return _dedup_sharded(
+            source, out, search, embeddings, model, embed_cfg, work_dir, rank, world, wait_timeout_s,
+            contact_groups, shard_rows, extra,
+        )  # fmt: skip
     if embeddings is not None:
-        records = list(source.iter_records())
-        raw = np.load(embeddings, mmap_mode="r")
-        if raw.ndim != 2 or len(raw) != len(records):
-            raise ValueError(
-                f"{embeddings}: shape {raw.shape} but the input has {len(records)} valid records "
-                "(rows must follow the input order, one per valid record)"
-            )
-        x = normalise_rows(raw)
+        records = _records_for(source, embeddings)
+        x = normalise_rows(np.load(embeddings, mmap_mode="r"))
         extra["embeddings"] = str(embeddings)
     else:
-        if model is None:
-            raise ValueError("need a descriptor model (or --embeddings)")
-        wd = Path(work_dir) if work_dir is not None else out / "embeddings"
-        stats = embed_source(source, model, wd, embed_cfg, rank, world)
-        extra["embed"] = {
-            "computed_shards": stats.computed_shards, "skipped_shards": stats.skipped_shards,
-            "images": stats.images, "bad_images": stats.bad_images, "seconds": round(stats.seconds, 3),
-            "images_per_s": round(stats.images_per_s, 2), "rank": rank, "world": world,
-        }  # fmt: skip
+        wd = _embed(source, out, model, embed_cfg, work_dir, rank, world, extra)
         if rank != 0:
             return None
         n_shards = wait_for_ranks(wd, world, timeout_s=wait_timeout_s, poll_s=1.0 if world == 1 else 5.0)
@@ -211,3 +228,62 @@ def dedup_images(
         extra["bad_images"] = n_bad
     extra["bad_records"] = dict(source.bad)
     return dedup_embeddings(x, records, search, out, contact_groups=contact_groups, extra_report=extra)
+
+
+def _records_for(source: ImageSource, embeddings: str | Path) -> list[dict[str, Any]]:
+    records = list(source.iter_records())
+    raw = np.load(embeddings, mmap_mode="r")
+    if raw.ndim != 2 or len(raw) != len(records):
+        raise ValueError(
+            f"{embeddings}: shape {raw.shape} but the input has {len(records)} valid records "
+            "(rows must follow the input order, one per valid record)"
+        )
+    return records
+
+
+def _embed(
+    source: ImageSource, out: Path, model: Any, embed_cfg: EmbedConfig | None, work_dir: str | Path | None,
+    rank: int, world: int, extra: dict[str, Any],
+) -> Path:  # fmt: skip
+    if model is None:
+        raise ValueError("need a descriptor model (or --embeddings)")
+    wd = Path(work_dir) if work_dir is not None else out / "embeddings"
+    stats = embed_source(source, model, wd, embed_cfg, rank, world)
+    extra["embed"] = {
+        "computed_shards": stats.computed_shards, "skipped_shards": stats.skipped_shards,
+        "images": stats.images, "bad_images": stats.bad_images, "seconds": round(stats.seconds, 3),
+        "images_per_s": round(stats.images_per_s, 2), "rank": rank, "world": world,
+    }  # fmt: skip
+    return wd
+
+
+def _dedup_sharded(
+    source: ImageSource, out: Path, search: SearchConfig, embeddings: str | Path | None, model: Any,
+    embed_cfg: EmbedConfig | None, work_dir: str | Path | None, rank: int, world: int,
+    wait_timeout_s: float, contact_groups: int, shard_rows: int, extra: dict[str, Any],
+) -> dict[str, Any] | None:  # fmt: skip
+    from herd.data.curation.sharded_dup_search import sharded_pairs, shards_from_embeddings, shards_from_npy
+
+    if search.method != "clusters":
+        raise ValueError(f"the sharded search implements method 'clusters' (got {search.method!r})")
+    t0 = time.perf_counter()
+    work = out / "sharded"
+    if embeddings is not None:
+        records = _records_for(source, embeddings) if rank == 0 else None
+        n_shards = shards_from_npy(embeddings, work, shard_rows, rank, world)
+        extra["embeddings"] = str(embeddings)
+    else:
+        wd = _embed(source, out, model, embed_cfg, work_dir, rank, world, extra)
+        n_shards = wait_for_ranks(wd, world, timeout_s=wait_timeout_s, poll_s=1.0 if world == 1 else 5.0)
+        shards_from_embeddings(wd, n_shards, work, rank, world)
+        records = (
+            [r for i in range(n_shards) for r in read_jsonl(shard_files(wd, i)[1])] if rank == 0 else None
+        )
+        extra["bad_images"] = sum(
+            len(read_jsonl(b)) for i in range(n_shards) if (b := shard_files(wd, i)[2]).is_file()
+        )
+    pairs = sharded_pairs(work, n_shards, search, rank, world)
+    if pairs is None or records is None:
+        return None
+    extra["bad_records"] = dict(source.bad)
+    return write_dedup_outputs(pairs, records, search, out, contact_groups, extra, t0)

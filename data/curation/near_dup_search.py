@@ -100,11 +100,21 @@ def _pairs_in_set(
 def _pairs_in_set_faiss(
     x: np.ndarray, members: np.ndarray, t: float, cfg: SearchConfig
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # CPU: faiss range search (blocked BLAS inside faiss). Keeping k-means, assignment and this search
-    # in faiss's own OpenMP runtime avoids two thread pools (faiss's and torch's) spinning against
-    # each other, which on a 2-core machine made the search several times slower.
+    li, lj, s = local_pairs_faiss(np.ascontiguousarray(x[members]), t, cfg)
+    return members[li], members[lj], s
+
+
+def local_pairs_faiss(
+    xm: np.ndarray, t: float, cfg: SearchConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (a, b), a < b, of row positions of `xm` (m, d) float32 with xm[a]·xm[b] ≥ t.
+
+    CPU: faiss range search (blocked BLAS inside faiss). Keeping k-means, assignment and this search
+    in faiss's own OpenMP runtime avoids two thread pools (faiss's and torch's) spinning against
+    each other, which on a 2-core machine made the search several times slower. The result depends
+    only on `xm` (same rows in the same order → same pairs), which the sharded search relies on."""
     faiss = _faiss()
-    xm = np.ascontiguousarray(x[members])  # (m, d)
+    xm = np.ascontiguousarray(xm, dtype=np.float32)
     index = faiss.IndexFlatIP(xm.shape[1])
     index.add(xm)
     out_i, out_j, out_s = [], [], []
@@ -113,8 +123,8 @@ def _pairs_in_set_faiss(
         lims, sims, nb = index.range_search(xm[q0 : q0 + q], t)  # CSR: row r's hits at lims[r]:lims[r+1]
         rows = q0 + np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64))
         keep = nb > rows  # each unordered pair once, no self pairs
-        out_i.append(members[rows[keep]])
-        out_j.append(members[nb[keep]])
+        out_i.append(rows[keep])
+        out_j.append(nb[keep].astype(np.int64))
         out_s.append(sims[keep])
     if not out_i:
         e = np.zeros(0, np.int64)
@@ -125,27 +135,42 @@ def _pairs_in_set_faiss(
 def _pairs_in_set_torch(
     x: np.ndarray, members: np.ndarray, t: float, cfg: SearchConfig, dev: torch.device
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # GPU (faiss has no GPU range search): blocked matmuls, only blocks on/above the diagonal.
-    m = len(members)
+    li, lj, s = local_pairs_torch(np.ascontiguousarray(x[members]), t, cfg, dev)
+    return members[li], members[lj], s
+
+
+def local_pairs_torch(
+    xm: np.ndarray, t: float, cfg: SearchConfig, dev: torch.device
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """As `local_pairs_faiss` with blocked matmuls on `dev` (GPU: faiss has no GPU range search);
+    only blocks on/above the diagonal are computed."""
+    m = len(xm)
     out_i, out_j, out_s = [], [], []
     b = max(1, min(m, int(math.sqrt(cfg.max_block_elems))))
-    xm = torch.from_numpy(np.ascontiguousarray(x[members])).to(dev)  # (m, d)
+    xt = torch.from_numpy(np.ascontiguousarray(xm, dtype=np.float32)).to(dev)  # (m, d)
     for r0 in range(0, m, b):
-        rows = xm[r0 : r0 + b]
+        rows = xt[r0 : r0 + b]
         for c0 in range(r0, m, b):
-            s = rows @ xm[c0 : c0 + b].T  # (br, bc)
+            s = rows @ xt[c0 : c0 + b].T  # (br, bc)
             hit = s >= t
             if c0 == r0:
                 hit &= torch.ones_like(hit).triu(1)  # strict upper triangle: a < b, no self pairs
             ri, ci = hit.nonzero(as_tuple=True)
             if len(ri):
-                out_i.append(members[r0 + ri.cpu().numpy()])
-                out_j.append(members[c0 + ci.cpu().numpy()])
+                out_i.append(r0 + ri.cpu().numpy())
+                out_j.append(c0 + ci.cpu().numpy())
                 out_s.append(s[ri, ci].float().cpu().numpy())
     if not out_i:
         e = np.zeros(0, np.int64)
         return e, e, np.zeros(0, np.float32)
     return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
+
+
+def local_pairs(
+    xm: np.ndarray, t: float, cfg: SearchConfig, dev: torch.device | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs of row positions of `xm` above `t`: faiss on CPU (dev None) or torch matmuls on `dev`."""
+    return local_pairs_faiss(xm, t, cfg) if dev is None else local_pairs_torch(xm, t, cfg, dev)
 
 
 def exact_pairs(x: np.ndarray, threshold: float, cfg: SearchConfig | None = None) -> Pairs:
@@ -256,9 +281,7 @@ def _cluster_pairs(x: np.ndarray, cfg: SearchConfig) -> Pairs:
         i, j, s = _pairs_in_set(x, members, cfg.threshold, cfg, dev)
         if len(i):
             # Report a pair only in the smallest cluster both ends share (it can share up to a of them).
-            shared = assign[i][:, :, None] == assign[j][:, None, :]  # (p, a, a)
-            first = np.where(shared.any(axis=2), assign[i], k).min(axis=1)
-            keep = first == c
+            keep = first_shared_cluster(assign[i], assign[j], k) == c
             out_i.append(i[keep])
             out_j.append(j[keep])
             out_s.append(s[keep])
@@ -271,6 +294,13 @@ def _cluster_pairs(x: np.ndarray, cfg: SearchConfig) -> Pairs:
         "similarities_computed": int(sims_computed),
     }  # fmt: skip
     return _collect(out_i, out_j, out_s, stats)
+
+
+def first_shared_cluster(ai: np.ndarray, aj: np.ndarray, k: int) -> np.ndarray:
+    """(p,) smallest cluster id shared by the assignments ai, aj (p, a) of a pair's two ends (k if none):
+    the one cluster that reports the pair, so no global de-duplication of the pair list is needed."""
+    shared = ai[:, :, None] == aj[:, None, :]  # (p, a, a)
+    return np.where(shared.any(axis=2), ai, k).min(axis=1)
 
 
 def _collect(out_i: list, out_j: list, out_s: list, stats: dict[str, Any]) -> Pairs:

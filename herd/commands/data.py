@@ -113,13 +113,14 @@ def cmd_dedup_images(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, resize=args.resize, image_size=args.image_size,
             decode_threads=args.decode_threads, device=device, progress=not args.no_progress,
         )  # fmt: skip
+    sharded = args.search == "sharded" or (args.search == "auto" and world > 1 and args.method == "clusters")
     report = dedup_images(
         source, args.out, search, embeddings=args.embeddings, model=model, embed_cfg=embed_cfg,
         work_dir=args.work_dir, rank=rank, world=world, wait_timeout_s=args.wait_timeout,
-        contact_groups=args.contact_groups,
+        contact_groups=args.contact_groups, sharded=sharded, shard_rows=args.shard_rows,
     )  # fmt: skip
-    if report is None:  # rank > 0: embedding done, rank 0 searches
-        print(json.dumps({"rank": rank, "world": world, "embedded": True}))
+    if report is None:  # rank > 0: its part is done, rank 0 writes the outputs
+        print(json.dumps({"rank": rank, "world": world, "embedded": True, "sharded_search": sharded}))
         return 0
     return print_summary(report, ("records", "pairs", "groups", "removed", "kept", "largest_groups", "embed"))
 
@@ -167,6 +168,12 @@ def _add_dedup_images(group: Any) -> None:
         "--wait-timeout", type=float, default=86400.0, help="rank 0: seconds to wait for other ranks"
     )
     p.add_argument("--contact-groups", type=int, default=8)
+    p.add_argument(
+        "--search", choices=["auto", "single", "sharded"], default="auto",
+        help="sharded: every search stage on every torchrun rank (docs/data.md); single: rank 0 alone; "
+        "auto: sharded when WORLD_SIZE > 1 and --method clusters",
+    )  # fmt: skip
+    p.add_argument("--shard-rows", type=int, default=65536, help="sharded + --embeddings: rows per shard")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -183,7 +190,18 @@ def cmd_dedup_text(args: argparse.Namespace) -> int:
         line_bucket=args.line_bucket, line_max_repeats=args.line_max_repeats, chunk_size=args.chunk_size,
         out_format=args.format, write_rejects=not args.no_rejects, progress=not args.no_progress,
     )  # fmt: skip
-    return print_summary(dedup_text(args.input, args.out, cfg), TEXT_SUMMARY)
+    if not args.sharded:
+        return print_summary(dedup_text(args.input, args.out, cfg), TEXT_SUMMARY)
+    from herd.data.curation.sharded_text_dedup import dedup_text_sharded, shard_env
+
+    env_rank, env_world = shard_env()
+    rank = env_rank if args.rank is None else args.rank
+    world = env_world if args.world is None else args.world
+    report = dedup_text_sharded(args.input, args.out, cfg, rank, world, wait_timeout_s=args.wait_timeout)
+    if report is None:  # rank > 0: its shards are done, rank 0 merges the report
+        print(json.dumps({"rank": rank, "world": world, "done": True}))
+        return 0
+    return print_summary(report, TEXT_SUMMARY)
 
 
 def _thresholds(text: str) -> dict[int, float]:
@@ -248,6 +266,15 @@ def _add_text_commands(group: Any) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--line-bucket", type=int, default=30_000_000, help="documents per line-dedup bucket")
     p.add_argument("--line-max-repeats", type=int, default=6, help="drop lines seen more often per bucket")
+    p.add_argument(
+        "--sharded", action="store_true",
+        help="stages over input files on many ranks (torchrun or a Slurm array; docs/data.md)",
+    )  # fmt: skip
+    p.add_argument("--rank", type=int, default=None, help="--sharded: this rank (default: from the launcher)")
+    p.add_argument("--world", type=int, default=None, help="--sharded: number of ranks (default: launcher)")
+    p.add_argument(
+        "--wait-timeout", type=float, default=7 * 86400.0, help="--sharded: seconds to wait for ranks"
+    )
 
     p = add_command(
         group,

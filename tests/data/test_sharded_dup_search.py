@@ -1,0 +1,163 @@
+"""Image near-duplicate search over 2 and 4 gloo ranks equals world size 1 exactly; kill + restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from herd.data.curation import sharded_dup_search as sds
+from herd.data.curation.near_dup_search import SearchConfig, connected_groups, find_pairs, same_partition
+
+pytest.importorskip("faiss")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+CFG = SearchConfig(threshold=0.9, n_clusters=24, seed=0)
+SHARD_ROWS = 500
+
+
+def planted(n: int = 3000, d: int = 32, groups: int = 150, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random unit vectors; `groups` of 2–6 rows rewritten as noisy copies of a base row."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    truth = np.arange(n)
+    rows = rng.permutation(n)
+    used = 0
+    for _ in range(groups):
+        g = rows[used : used + int(rng.integers(2, 7))]
+        used += len(g)
+        y = x[g[0]] + rng.standard_normal((len(g) - 1, d)).astype(np.float32) * 0.2 / np.sqrt(d)
+        x[g[1:]] = y / np.linalg.norm(y, axis=1, keepdims=True)
+        truth[g] = g[0]
+    return x, truth
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, npy: str, work: str, fail_rank: int) -> None:
+    """One rank as torchrun would start it (env:// rendezvous, gloo)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    if rank == fail_rank:  # a crash in the middle of the search stage, after some clusters
+        calls = {"n": 0}
+        real = sds.local_pairs
+
+        def crashing(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] > 3:
+                raise RuntimeError("injected failure")
+            return real(*a, **kw)
+
+        sds.local_pairs = crashing
+    n_shards = sds.shards_from_npy(npy, work, SHARD_ROWS, rank, world)
+    pairs = sds.sharded_pairs(work, n_shards, CFG, rank, world)
+    if rank == 0:
+        np.savez(Path(work) / "result.npz", i=pairs.i, j=pairs.j, sim=pairs.sim)
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def run_ranks(world: int, npy: Path, work: Path, fail_rank: int = -1) -> dict[str, np.ndarray]:
+    import torch.multiprocessing as mp
+
+    # fork: the children reuse the imported torch/faiss (spawning re-imports them: ~5 s per rank here);
+    # safe because the parent ran faiss with one OpenMP thread (OMP_NUM_THREADS=1, set below).
+    args = (world, _free_port(), str(npy), str(work), fail_rank)
+    mp.start_processes(_rank, args=args, nprocs=world, join=True, start_method="fork")
+    z = np.load(work / "result.npz")
+    return {k: z[k] for k in ("i", "j", "sim")}
+
+
+def run_single(npy: Path, work: Path) -> dict[str, np.ndarray]:
+    n_shards = sds.shards_from_npy(npy, work, SHARD_ROWS, 0, 1)
+    p = sds.sharded_pairs(work, n_shards, CFG, 0, 1)
+    return {"i": p.i, "j": p.j, "sim": p.sim}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # the forked ranks must not inherit a running OpenMP pool
+    tmp = tmp_path_factory.mktemp("sharded")
+    x, truth = planted()
+    np.save(tmp / "x.npy", x)
+    return tmp / "x.npy", x, truth, run_single(tmp / "x.npy", tmp / "w1")
+
+
+def test_world_1_equals_brute_force_and_todays_search(data) -> None:
+    npy, x, truth, single = data
+    xf = x.astype(np.float16).astype(np.float32)  # what the shards store
+    s = xf @ xf.T
+    bi, bj = np.nonzero(np.triu(s >= CFG.threshold, 1))
+    assert set(zip(single["i"].tolist(), single["j"].tolist())) == set(zip(bi.tolist(), bj.tolist()))
+    labels = connected_groups(len(x), sds.Pairs(single["i"], single["j"], single["sim"]))
+    assert same_partition(labels, truth)
+    today = find_pairs(x, CFG)  # the float32 single-process search of today: same groups
+    assert same_partition(labels, connected_groups(len(x), today))
+
+
+def test_four_ranks_equal_single_process_exactly(data, tmp_path: Path) -> None:
+    npy, x, _, single = data
+    world = 4
+    got = run_ranks(world, npy, tmp_path)
+    for k in ("i", "j", "sim"):
+        np.testing.assert_array_equal(got[k], single[k])  # same pairs, same order, same similarities
+    stats = [json.loads((tmp_path / "rank_stats" / f"rank_{r:04d}.json").read_text()) for r in range(world)]
+    assert [s["rank"] for s in stats] == list(range(world))
+    entries = json.loads(np.load(tmp_path / "pairs_all.npz")["stats"].item())["entries_per_rank"]
+    assert sum(entries) == len(x) * CFG.nprobe_assign  # every (row, cluster) entry went to one rank
+    assert max(entries) < 1.6 * len(x) * CFG.nprobe_assign / world  # spread ~1/world, none holds all
+
+
+def test_two_ranks_kill_one_mid_search_restart_equal_single_process(data, tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    npy, _, _, single = data
+    with pytest.raises(mp.ProcessRaisedException, match="injected failure"):
+        run_ranks(2, npy, tmp_path, fail_rank=1)
+    assert (tmp_path / "kmeans.done").is_file() and (tmp_path / "assign.done").is_file()
+    assert not (tmp_path / "search.done").exists() and not (tmp_path / "rank_stats").exists()
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "route").glob("*.npy")}
+    kept[tmp_path / "kmeans" / "centroids_2.npy"] = (
+        (tmp_path / "kmeans" / "centroids_2.npy").stat().st_mtime_ns
+    )
+    got = run_ranks(2, npy, tmp_path)
+    for k in ("i", "j", "sim"):
+        np.testing.assert_array_equal(got[k], single[k])
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished stages were not redone
+    for r in range(2):
+        st = json.loads((tmp_path / "rank_stats" / f"rank_{r:04d}.json").read_text())["stages"]
+        assert st == {"kmeans": "skipped", "assign": "skipped", "search": "ran", "groups": "ran"}
+    with pytest.raises(ValueError, match="started with"):  # a different world size is refused
+        run_single(npy, tmp_path)
+
+
+def test_cli_sharded_search_equals_single_search(data, tmp_path: Path) -> None:
+    from synthetic_inputs import write_jsonl
+
+    from herd.commands import build_parser
+    from herd.data.records import read_jsonl
+
+    npy, x, _, _ = data
+    rows = [{"id": f"r{i}", "image": f"/nowhere/{i}.png", "clip_score": float(i % 7)} for i in range(len(x))]
+    manifest = write_jsonl(tmp_path / "m.jsonl", rows)
+    common = ["data", "dedup-images", "--manifest", str(manifest), "--embeddings", str(npy), "--threshold", "0.9",
+              "--n-clusters", "24", "--contact-groups", "1"]  # fmt: skip
+    for mode, extra in (("single", []), ("sharded", ["--shard-rows", "700"])):
+        args = build_parser().parse_args([*common, "--out", str(tmp_path / mode), "--search", mode, *extra])
+        assert args.func(args) == 0
+    assert read_jsonl(tmp_path / "sharded" / "keep.jsonl") == read_jsonl(tmp_path / "single" / "keep.jsonl")
+    groups = [read_jsonl(tmp_path / m / "groups.jsonl") for m in ("single", "sharded")]
+    assert groups[0] == groups[1] and len(groups[0]) == 150
+    rep = json.loads((tmp_path / "sharded" / "report.json").read_text())
+    assert rep["search"]["method"] == "clusters-sharded" and rep["search"]["ranks"][0]["peak_rss_mb"] > 0
