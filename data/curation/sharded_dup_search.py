@@ -131,9 +131,17 @@ def shards_from_embeddings(
 
 
 def rank_peak_rss_mb() -> float:
+    """This process' peak resident memory (MiB). Linux: VmHWM, because ru_maxrss survives exec and
+    would report the launching parent's peak for a freshly spawned rank."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 class ShardedSearch:
