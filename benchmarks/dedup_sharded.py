@@ -45,7 +45,13 @@ def _cfg(args: argparse.Namespace):
 
 
 def _rank(rank: int, world: int, port: int, npy: str, work: str, args: argparse.Namespace) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )  # one node: with faiss-gpu, rank r uses GPU r
     import faiss  # noqa: F401 - imported before the baseline so that it counts in it
 
     from herd.data.curation.sharded_dup_search import rank_peak_rss_mb, sharded_pairs, shards_from_npy
