@@ -2,14 +2,17 @@
 
     herd data tokenize --source jsonl --input 'corpus/*.jsonl.gz' --out shards/web
     herd data dedup-images --manifest pairs.jsonl --weights sscd.torchscript.pt --threshold 0.75 --out d
+    torchrun --nproc-per-node 4 -m herd data dedup-images --manifest m.jsonl --embeddings d.npy …
     herd data dedup-text --input crawl/*.jsonl.gz --out runs/dedup_text
+    torchrun --nproc-per-node 8 -m herd data dedup-text --sharded --input crawl/*.jsonl.gz --out runs/dd
     herd data filter-text --input runs/dedup_text/part-*.jsonl --out runs/filtered --dirty-words words.txt
     herd data filter-clip --manifest pairs.jsonl --model ViT-B-32 --pretrained vit.pt --threshold 0.2 --out c
     herd data resample --captions pairs.jsonl --vocab-texts titles.txt --threshold 20000 --out runs/rs
     herd data filter-videos --manifest videos.jsonl --threshold 0.02 --out runs/motion
 
 Library functions: `herd.data.training.text_sources.tokenize_corpus`, and in `herd.data.curation`:
-`image_dedup.dedup_images`, `text_dedup.dedup_text`, `text_filters.filter_text`, `clip_filter.filter_clip`,
+`image_dedup.dedup_images`, `text_dedup.dedup_text` (`sharded_text_dedup.dedup_text_sharded` with --sharded),
+`text_filters.filter_text`, `clip_filter.filter_clip`,
 `ngram_resample.resample_jsonl`, `motion.filter_videos`. Heavy libraries (torch, faiss, open_clip,
 datasketch, pyarrow, av) are imported inside the commands, after a check that says which extra to install.
 """

@@ -46,7 +46,18 @@ def _free_port() -> int:
 def _rank(rank: int, world: int, port: int, npy: str, work: str, fail_rank: int) -> None:
     """One rank as torchrun would start it (env:// rendezvous, gloo)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    if rank == fail_rank:  # a crash in the middle of the search stage, after some clusters
+    if rank == fail_rank == 0:  # rank 0 crashes in the assign stage after routing its first shard
+        real_route = sds.ShardedSearch._route
+        routed = {"n": 0}
+
+        def crashing_route(self, s, r):
+            routed["n"] += 1
+            if routed["n"] > world:  # the second shard of this rank
+                raise RuntimeError("injected failure")
+            return real_route(self, s, r)
+
+        sds.ShardedSearch._route = crashing_route
+    elif rank == fail_rank:  # a crash in the middle of the search stage, after some clusters
         calls = {"n": 0}
         real = sds.local_pairs
 
@@ -161,3 +172,21 @@ def test_cli_sharded_search_equals_single_search(data, tmp_path: Path) -> None:
     assert groups[0] == groups[1] and len(groups[0]) == 150
     rep = json.loads((tmp_path / "sharded" / "report.json").read_text())
     assert rep["search"]["method"] == "clusters-sharded" and rep["search"]["ranks"][0]["peak_rss_mb"] > 0
+
+
+def test_four_ranks_kill_rank_0_mid_assign_and_restart(data, tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    npy, _, _, single = data
+    with pytest.raises(mp.ProcessRaisedException, match="injected failure"):
+        run_ranks(4, npy, tmp_path, fail_rank=0)
+    assert (tmp_path / "kmeans.done").is_file() and not (tmp_path / "assign.done").exists()
+    first = tmp_path / "route" / "s00000.done"  # rank 0 finished shard 0 before it crashed on shard 4
+    assert first.is_file() and not (tmp_path / "route" / "s00004.done").exists()
+    stamp = first.stat().st_mtime_ns
+    got = run_ranks(4, npy, tmp_path)
+    for k in ("i", "j", "sim"):
+        np.testing.assert_array_equal(got[k], single[k])
+    assert first.stat().st_mtime_ns == stamp
+    st = json.loads((tmp_path / "rank_stats" / "rank_0000.json").read_text())["stages"]
+    assert st == {"kmeans": "skipped", "assign": "ran", "search": "ran", "groups": "ran"}

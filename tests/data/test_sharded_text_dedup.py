@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,8 @@ def run_ranks(inputs: list[Path], out: Path, c: TextDedupConfig, world: int, tim
     [t.start() for t in threads]
     [t.join() for t in threads]
     if errors:
-        raise next(iter(errors.values()))
+        first = next(iter(errors.values()))  # the cause, not a rank that timed out waiting for it
+        raise next((e for e in errors.values() if not isinstance(e, TimeoutError)), first)
     assert all(reports[r] is None for r in range(1, world))
     return reports[0]
 
@@ -92,19 +94,28 @@ def test_kill_a_rank_mid_stage_then_resume(tmp_path: Path, monkeypatch) -> None:
     inputs = corpus(tmp_path)
     ref = dedup_text(inputs, tmp_path / "ref", cfg())
     real = std.ShardedTextDedup._buckets
+    crashed = threading.Event()
 
     def crash_on_rank_1(self):
         if self.rank == 1:
+            crashed.set()
             raise RuntimeError("injected failure")
         return real(self)
 
+    def wait(self, paths, what):  # rank 0 gives up on the partition stage once rank 1 is dead
+        while not all(p.is_file() for p in paths):
+            if crashed.is_set() and what == "stage partition":
+                raise TimeoutError(what)
+            time.sleep(0.02)
+
     monkeypatch.setattr(std.ShardedTextDedup, "_buckets", crash_on_rank_1)
-    with pytest.raises((RuntimeError, TimeoutError)):
-        run_ranks(inputs, tmp_path / "out", cfg(), world=2, timeout=1.0)
+    monkeypatch.setattr(std.ShardedTextDedup, "_wait", wait)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_ranks(inputs, tmp_path / "out", cfg(), world=2)
     work = tmp_path / "out" / "_sharded"
     signed = {p: p.stat().st_mtime_ns for p in (work / "sign").glob("*.json")}
     assert len(signed) == 3 and not (work / "resolve.npz").exists()
-    monkeypatch.setattr(std.ShardedTextDedup, "_buckets", real)
+    monkeypatch.undo()
     got = run_ranks(inputs, tmp_path / "out", cfg(), world=2)
     assert {p: p.stat().st_mtime_ns for p in signed} == signed  # signatures were not recomputed
     ranks = got["sharded"]["ranks"]
