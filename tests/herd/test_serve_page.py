@@ -174,3 +174,43 @@ def test_server_errors_show_in_the_page(root, browser):
             assert page.inner_text("#error") == ""
         finally:
             page.close()
+
+
+@pytest.mark.parametrize("kind", ["audio", "video"])
+def test_ask_about_audio_and_video_in_the_browser(root, browser, tmp_path, kind):
+    """The page's other two inputs: a WAV to a speech model (sent as `input_audio`), an mp4 to a video model
+    (`video_url`); the streamed answer is the server's greedy answer to the same request."""
+    import base64
+
+    from serve_workspace import mp4_bytes, write_video_model
+
+    if kind == "audio":
+        model, name, data = root / "speech_model", "tone.wav", wav_bytes(0.6)
+        part = {
+            "type": "input_audio",
+            "input_audio": {"data": base64.b64encode(data).decode(), "format": "wav"},
+        }
+    else:
+        model, name, data = write_video_model(root), "clip.mp4", mp4_bytes(tmp_path)
+        part = {"type": "video_url", "video_url": {"url": data_url(data, "video/mp4")}}
+    (tmp_path / name).write_bytes(data)
+    question = "Repeat after me in English:"
+    served = ServedModel.load(model)
+    with running(served, ServeOptions(port=0, max_tokens=MAX_TOKENS)) as url:
+        want = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": [part, {"type": "text", "text": question}]}],
+            "max_tokens": MAX_TOKENS, "temperature": 0,
+        }).json()["choices"][0]["message"]["content"]  # fmt: skip
+        page = browser.new_page()
+        try:
+            page.goto(url + "/")
+            page.set_input_files("#file", str(tmp_path / name))
+            page.wait_for_selector("#preview-media")
+            assert page.eval_on_selector("#preview-media", "el => el.tagName") == kind.upper()
+            page.fill("#question", question)
+            page.click("#ask")
+            page.wait_for_selector("#answer[data-finish]", timeout=60_000)
+            assert page.inner_text("#error") == ""
+            assert page.eval_on_selector("#answer", "e => e.textContent") == want and len(want) >= 3
+        finally:
+            page.close()
