@@ -213,13 +213,26 @@ def cmd_filter_text(args: argparse.Namespace) -> int:
     ref = None
     if args.reference_dist:
         ref = ReferenceDistribution.load(args.reference_dist, args.text_field, alpha=args.kl_alpha)
+    language = None
+    if args.languages is not None:
+        from herd.data.curation.language_id import LanguageIdConfig, build_detector
+
+        language = LanguageIdConfig(
+            keep=_codes(args.languages), min_confidence=args.min_language_confidence,
+            candidates=_codes(args.language_candidates) or None, low_accuracy=args.language_low_accuracy,
+        )  # fmt: skip
+        build_detector(language)  # a bad language code stops here, before any work
     cfg = FilterConfig(
         text_field=args.text_field, dup_ngram_thresholds=args.dup_ngram, dirty_words=dirty,
         max_dirty_words=args.max_dirty_words, reference=ref, max_kl=args.max_kl, min_words=args.min_words,
-        chunk_size=args.chunk_size, out_format=args.format, write_rejects=not args.no_rejects,
+        language=language, chunk_size=args.chunk_size, out_format=args.format, write_rejects=not args.no_rejects,
         progress=not args.no_progress,
     )  # fmt: skip
-    return print_summary(filter_text(args.input, args.out, cfg), TEXT_SUMMARY)
+    return print_summary(filter_text(args.input, args.out, cfg), (*TEXT_SUMMARY, "languages"))
+
+
+def _codes(text: str | None) -> list[str]:
+    return [c.strip() for c in (text or "").split(",") if c.strip()]
 
 
 def _add_text_io(p: argparse.ArgumentParser) -> None:
@@ -268,6 +281,18 @@ def _add_text_commands(group: Any) -> None:
     )
     p.add_argument("--kl-alpha", type=float, default=1.0, help="add-α smoothing of the reference")
     p.add_argument("--min-words", type=int, default=1)
+    p.add_argument(
+        "--languages",
+        metavar="CODES",
+        help="language ID stage (Lingua): keep these ISO 639-1 codes, e.g. en,de",
+    )
+    p.add_argument(
+        "--min-language-confidence", type=float, default=0.5, help="below: low_language_confidence"
+    )
+    p.add_argument(
+        "--language-candidates", metavar="CODES", help="languages to choose among (default all 75)"
+    )
+    p.add_argument("--language-low-accuracy", action="store_true", help="Lingua's faster low-accuracy mode")
 
 
 # ------------------------------------------------------------------------------ filter-clip, resample
