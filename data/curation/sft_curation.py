@@ -1,0 +1,308 @@
+"""`herd data curate-sft`: the paper's SFT data cleaning, scoring and semantic dedup (Llama 3 §4.2.3).
+
+    dialogs (jsonl) → input check → rule-based cleaning → quality score → difficulty score → semantic dedup
+                    → OUT/curated.jsonl + OUT/rejects.jsonl + OUT/report.json
+
+Each step is a stage with its own counts in the report (`stages`): how many dialogs came in, how many it
+kept, and what it removed by reason. Every dialog that does not reach `curated.jsonl` is a line of
+`rejects.jsonl` with its stage, reason, input ordinal, "file@offset" and id (when the record has one),
+plus the reason's detail (the rule and its count; the kept dialog a duplicate resembles and their
+cosine). Kept dialogs carry their scores under `"curation"`. Scores are deterministic for a seed:
+rule down-sampling hashes (seed, rule, ordinal); judges decode greedily unless a temperature is set,
+and then with a seeded generator per batch; k-means is seeded.
+
+Stages (details in their modules): `sft_rules` (patterns, emoji, exclamation marks; remove or
+down-sample), `sft_scores` (reward model + optional judge rubric → quality; judge intents + 3-point
+rating → difficulty), `sft_dedup` (mean-pooled embeddings, faiss k-means, greedy selection by
+quality × difficulty). The dialogs are held in memory (SFT sets are millions of dialogs, not billions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import tomllib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from herd.data.curation.sft_rules import Rule, apply_rules, rules_from_config
+from herd.data.curation.sft_scores import Scores, score_difficulty, score_quality
+from herd.data.records import atomic_write, atomic_write_json, dumps, iter_jsonl
+
+
+@dataclass
+class JudgeConfig:
+    model: str | None = None  # a herd chat checkpoint; None: no judge
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    batch_size: int = 8
+
+
+@dataclass
+class QualityConfig:
+    reward_model: str | None = None  # a `herd train rm` export; None: no RM score
+    keep_only_high_quality: bool = False  # remove dialogs neither the RM nor the judge marks high
+
+
+@dataclass
+class DifficultyConfig:
+    enabled: bool = True  # needs the judge
+    max_intents: int = 5
+
+
+@dataclass
+class DedupConfig:
+    embedder: str | None = None  # a herd checkpoint, or a local Hugging Face encoder; None: no dedup
+    embedder_type: str = "herd"  # "herd" or "hf"
+    threshold: float = 0.9  # keep a dialog only if its cosine to every kept one in its cluster is below
+    n_clusters: int = 0  # 0: ⌈√n⌉
+    kmeans_iters: int = 20
+    batch_size: int = 16
+
+
+@dataclass
+class CurationConfig:
+    seed: int = 0
+    device: str = "cpu"
+    rules: list[Rule] = field(default_factory=lambda: rules_from_config(None))
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    difficulty: DifficultyConfig = field(default_factory=DifficultyConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    progress: bool = True
+
+
+def _table(cls: type, raw: Any, name: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"[{name}] must be a table")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"[{name}]: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    return cls(**raw)
+
+
+def load_curation_config(path: str | Path | None, **overrides: Any) -> CurationConfig:
+    """A CurationConfig from TOML (`seed`, `device`, `[[rules]]`, `[quality]`, `[judge]`, `[difficulty]`,
+    `[dedup]`); `overrides` ("dedup.threshold": 0.8, ...) win over the file; None values are ignored."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
+    for key, value in overrides.items():
+        if value is not None:
+            section, _, name = key.rpartition(".")
+            (raw.setdefault(section, {}) if section else raw)[name] = value
+    sections = {
+        "quality": QualityConfig,
+        "judge": JudgeConfig,
+        "difficulty": DifficultyConfig,
+        "dedup": DedupConfig,
+    }
+    unknown = sorted(set(raw) - {"seed", "device", "rules", "progress", *sections})
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}")
+    cfg = CurationConfig(rules=rules_from_config(raw.get("rules")))
+    for name, cls in sections.items():
+        if name in raw:
+            setattr(cfg, name, _table(cls, raw[name], name))
+    for name in ("seed", "device", "progress"):
+        if name in raw:
+            setattr(cfg, name, raw[name])
+    if cfg.dedup.embedder_type not in ("herd", "hf"):
+        raise ValueError(f"dedup.embedder_type must be 'herd' or 'hf', got {cfg.dedup.embedder_type!r}")
+    return cfg
+
+
+@dataclass
+class Example:
+    ordinal: int  # position among the input records (bad ones included)
+    where: str
+    record: dict[str, Any]
+    messages: list[Any]
+    scores: Scores = field(default_factory=Scores)
+    cluster: int | None = None
+
+
+def read_examples(inputs: Sequence[str | Path]) -> tuple[list[Example], list[dict[str, Any]], int]:
+    """(usable dialogs, rejects of unusable records, records read)."""
+    from herd.data.training.dialogs import parse_dialog
+
+    examples, rejects, ordinal = [], [], 0
+    for file_index, path in enumerate(inputs):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: dialog file does not exist")
+        for item in iter_jsonl(path, file_index):
+            base = {"ordinal": ordinal, "where": item.where, "stage": "input"}
+            ordinal += 1
+            if item.record is None:
+                rejects.append({**base, "reason": item.bad})
+                continue
+            base["id"] = item.record.get("id")
+            try:
+                messages, _ = parse_dialog(item.record)
+            except ValueError as e:
+                rejects.append({**base, "reason": "bad_record", "error": str(e)})
+                continue
+            if messages[-1].role != "assistant":
+                rejects.append({**base, "reason": "last_message_not_assistant"})
+                continue
+            examples.append(Example(base["ordinal"], item.where, item.record, messages))
+    return examples, rejects, ordinal
+
+
+def _reject(ex: Example, stage: str, reason: str, detail: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"ordinal": ex.ordinal, "where": ex.where, "id": ex.record.get("id"), "stage": stage, "reason": reason,
+            **(detail or {})}  # fmt: skip
+
+
+def _stage_report(n_in: int, kept: int, rejects: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"input": n_in, "kept": kept, "removed": dict(Counter(r["reason"] for r in rejects)), **extra}
+
+
+def load_models(cfg: CurationConfig) -> dict[str, Any]:
+    """The scorers `cfg` names, loaded once: reward_scorer, judge, embedder (absent ones are None)."""
+    from herd.text.generation import SamplingParams
+
+    out: dict[str, Any] = {"reward_scorer": None, "judge": None, "embedder": None}
+    if cfg.quality.reward_model:
+        from herd.sample import RewardModelScorer
+        from herd.text.reward_model import load_reward_model
+
+        rm, tok = load_reward_model(cfg.quality.reward_model, device=cfg.device)
+        out["reward_scorer"] = RewardModelScorer(rm, tok)
+    if cfg.judge.model:
+        from herd.data.curation.sft_judge import ChatJudge
+        from herd.text.loading import load_pretrained
+
+        model, tok = load_pretrained(cfg.judge.model, device=cfg.device)
+        j = cfg.judge
+        params = SamplingParams(j.max_new_tokens, j.temperature, j.top_p, seed=cfg.seed)
+        out["judge"] = ChatJudge(model, tok, params, j.batch_size)
+    if cfg.dedup.embedder:
+        from herd.data.curation.sft_dedup import HerdEmbedder, HFEmbedder
+
+        if cfg.dedup.embedder_type == "hf":
+            out["embedder"] = HFEmbedder(cfg.dedup.embedder, cfg.dedup.batch_size, device=cfg.device)
+        else:
+            from herd.text.loading import load_pretrained
+
+            model, tok = load_pretrained(cfg.dedup.embedder, device=cfg.device)
+            out["embedder"] = HerdEmbedder(model, tok, cfg.dedup.batch_size)
+    return out
+
+
+def curate_sft(
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    cfg: CurationConfig,
+    models: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run every stage over the dialogs of `inputs`; writes curated.jsonl, rejects.jsonl, report.json and
+    returns the report. `models` (reward_scorer, judge, embedder) default to `load_models(cfg)`."""
+    import numpy as np
+    from rich.console import Console
+
+    from herd.data.curation.sft_dedup import greedy_select, kmeans_clusters, normalise
+
+    console = Console(stderr=True, quiet=not cfg.progress)
+    models = load_models(cfg) if models is None else models
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    examples, rejects, n_records = read_examples(inputs)
+    stages: dict[str, Any] = {}
+
+    def timed(name: str, t: float) -> None:
+        seconds[name] = round(time.perf_counter() - t, 3)
+        console.log(f"{name}: {stages[name]['kept']}/{stages[name]['input']} kept ({seconds[name]} s)")
+
+    t = time.perf_counter()
+    n_in = len(examples)
+    examples, removed, rule_stats = apply_rules(examples, cfg.rules, cfg.seed)
+    stage_rejects = [_reject(ex, "rules", reason, detail) for ex, reason, detail in removed]
+    rule_stats.pop("removed")
+    stages["rules"] = _stage_report(n_in, len(examples), stage_rejects, rules=rule_stats)
+    rejects += stage_rejects
+    timed("rules", t)
+
+    t = time.perf_counter()
+    n_in = len(examples)
+    msgs = [ex.messages for ex in examples]
+    scores = [ex.scores for ex in examples]
+    quality = score_quality(
+        [ex.record for ex in examples], msgs, scores, models["reward_scorer"], models["judge"]
+    )
+    stage_rejects = []
+    if cfg.quality.keep_only_high_quality:
+        stage_rejects = [_reject(ex, "quality", "not_high_quality", {"quality_score": ex.scores.quality_score})
+                         for ex in examples if not ex.scores.quality_high]  # fmt: skip
+        examples = [ex for ex in examples if ex.scores.quality_high]
+    stages["quality"] = _stage_report(n_in, len(examples), stage_rejects, counts=quality)
+    rejects += stage_rejects
+    timed("quality", t)
+
+    t = time.perf_counter()
+    difficulty: dict[str, Any] = {"skipped": "no judge model"}
+    if models["judge"] is not None and cfg.difficulty.enabled and examples:
+        difficulty = score_difficulty([ex.messages for ex in examples], [ex.scores for ex in examples],
+                                      models["judge"], cfg.difficulty.max_intents)  # fmt: skip
+    stages["difficulty"] = _stage_report(len(examples), len(examples), [], counts=difficulty)
+    timed("difficulty", t)
+
+    t = time.perf_counter()
+    n_in = len(examples)
+    stage_rejects, dedup = [], {"skipped": "no embedder"}
+    if models["embedder"] is not None and examples:
+        x = normalise(models["embedder"]([ex.messages for ex in examples]))  # (n, d)
+        k = cfg.dedup.n_clusters or int(np.ceil(np.sqrt(n_in)))
+        clusters = kmeans_clusters(x, k, cfg.seed, cfg.dedup.kmeans_iters)
+        priority = [ex.scores.quality_score * ex.scores.difficulty_score for ex in examples]
+        keep, why = greedy_select(x, clusters, priority, cfg.dedup.threshold)
+        for i, ex in enumerate(examples):
+            ex.cluster = int(clusters[i])
+            if not keep[i]:
+                twin, cos = why[i]
+                stage_rejects.append(_reject(ex, "semantic_dedup", "semantic_duplicate", {
+                    "similar_to": examples[twin].ordinal, "similar_to_id": examples[twin].record.get("id"),
+                    "cosine": round(cos, 4), "cluster": ex.cluster}))  # fmt: skip
+        examples = [ex for i, ex in enumerate(examples) if keep[i]]
+        dedup = {
+            "clusters": int(len(np.unique(clusters))),
+            "threshold": cfg.dedup.threshold,
+            "dim": int(x.shape[1]),
+        }
+    stages["semantic_dedup"] = _stage_report(n_in, len(examples), stage_rejects, counts=dedup)
+    rejects += stage_rejects
+    timed("semantic_dedup", t)
+
+    with atomic_write(out / "curated.jsonl") as f:
+        for ex in examples:
+            extra = ex.scores.as_dict() | ({"cluster": ex.cluster} if ex.cluster is not None else {})
+            f.write(dumps({**ex.record, "curation": extra}) + "\n")
+    rejects.sort(key=lambda r: r["ordinal"])
+    with atomic_write(out / "rejects.jsonl") as f:
+        for r in rejects:
+            f.write(dumps(r) + "\n")
+    report = {
+        "inputs": [str(p) for p in inputs], "input_records": n_records, "output_records": len(examples),
+        "bad_records": dict(Counter(r["reason"] for r in rejects if r["stage"] == "input")),
+        "stages": stages, "rejects": len(rejects), "seconds": {**seconds, "total": round(time.perf_counter() - t0, 3)},
+        "config": _config_summary(cfg),
+    }  # fmt: skip
+    atomic_write_json(out / "report.json", report)
+    return report
+
+
+def _config_summary(cfg: CurationConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["rules"] = [{k: v for k, v in dataclasses.asdict(r).items() if k != "_regex"} for r in cfg.rules]
+    d.pop("progress")
+    return d
