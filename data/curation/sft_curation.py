@@ -128,6 +128,7 @@ class Example:
     messages: list[Any]
     scores: Scores = field(default_factory=Scores)
     cluster: int | None = None
+    priority: float | None = None  # quality × difficulty, the order of the semantic dedup walk
 
 
 def read_examples(inputs: Sequence[str | Path]) -> tuple[list[Example], list[dict[str, Any]], int]:
@@ -242,7 +243,7 @@ def curate_sft(
     )
     stage_rejects = []
     if cfg.quality.keep_only_high_quality:
-        stage_rejects = [_reject(ex, "quality", "not_high_quality", {"quality_score": ex.scores.quality_score})
+        stage_rejects = [_reject(ex, "quality", "not_high_quality", {"scores": ex.scores.as_dict()})
                          for ex in examples if not ex.scores.quality_high]  # fmt: skip
         examples = [ex for ex in examples if ex.scores.quality_high]
     stages["quality"] = _stage_report(n_in, len(examples), stage_rejects, counts=quality)
@@ -267,12 +268,13 @@ def curate_sft(
         priority = [ex.scores.quality_score * ex.scores.difficulty_score for ex in examples]
         keep, why = greedy_select(x, clusters, priority, cfg.dedup.threshold)
         for i, ex in enumerate(examples):
-            ex.cluster = int(clusters[i])
+            ex.cluster, ex.priority = int(clusters[i]), priority[i]
             if not keep[i]:
                 twin, cos = why[i]
                 stage_rejects.append(_reject(ex, "semantic_dedup", "semantic_duplicate", {
                     "similar_to": examples[twin].ordinal, "similar_to_id": examples[twin].record.get("id"),
-                    "cosine": round(cos, 4), "cluster": ex.cluster}))  # fmt: skip
+                    "cosine": round(cos, 4), "cluster": ex.cluster, "priority": priority[i],
+                    "similar_to_priority": priority[twin], "scores": ex.scores.as_dict()}))  # fmt: skip
         examples = [ex for i, ex in enumerate(examples) if keep[i]]
         dedup = {
             "clusters": int(len(np.unique(clusters))),
@@ -285,7 +287,9 @@ def curate_sft(
 
     with atomic_write(out / "curated.jsonl") as f:
         for ex in examples:
-            extra = ex.scores.as_dict() | ({"cluster": ex.cluster} if ex.cluster is not None else {})
+            extra = ex.scores.as_dict()
+            if ex.cluster is not None:
+                extra |= {"cluster": ex.cluster, "priority": ex.priority}
             f.write(dumps({**ex.record, "curation": extra}) + "\n")
     rejects.sort(key=lambda r: r["ordinal"])
     with atomic_write(out / "rejects.jsonl") as f:
