@@ -7,6 +7,7 @@
     herd data filter-clip --manifest pairs.jsonl --model ViT-B-32 --pretrained vit.pt --threshold 0.2 --out c
     herd data resample --captions pairs.jsonl --vocab-texts titles.txt --threshold 20000 --out runs/rs
     herd data filter-videos --manifest videos.jsonl --threshold 0.02 --out runs/motion
+    herd data curate-sft --input dialogs.jsonl --out runs/curated --reward-model runs/rm/model  (data_curation.py)
 
 Library functions: `herd.data.training.text_sources.tokenize_corpus`, and in `herd.data.curation`:
 `image_dedup.dedup_images`, `text_dedup.dedup_text`, `text_filters.filter_text`, `clip_filter.filter_clip`,
@@ -419,11 +420,14 @@ def register(sub: Any) -> None:
     group = add_group(
         sub, "data", "tokenize corpora; dedup and filter text and images; resample captions; filter videos"
     )
+    from herd.commands.data_curation import add_curate_sft
+
     for add in (
         _add_tokenize,
         _add_dedup_images,
         _add_text_commands,
         _add_caption_commands,
         _add_filter_videos,
+        add_curate_sft,
     ):
         add(group)

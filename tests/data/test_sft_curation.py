@@ -201,3 +201,25 @@ def test_curate_sft_rejects_every_removed_record(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown key"):
         load_curation_config(None, **{"dedup.treshold": 0.5})
     assert json.loads((tmp_path / "out" / "report.json").read_text())["output_records"] == 22
+
+
+def test_curate_sft_command_and_example_config(tmp_path: Path, capsys) -> None:
+    from herd.cli import main
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "curate_sft.toml"
+    cfg = load_curation_config(example)
+    assert [r.name for r in cfg.rules] == ["apology", "emoji", "exclamation"] and cfg.dedup.threshold == 0.9
+    rows = [dialog(i, "Sure!!! 🎉🎉🎉" if i == 2 else f"Answer {i}.") for i in range(5)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert main(["data", "curate-sft", "--input", str(path), "--out", str(tmp_path / "o"), "--config", str(example),
+                 "--no-progress"]) == 0  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["output_records"] == 4 and summary["stages"]["rules"]["removed"] == {"rule:emoji": 1}
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[dedup]\nthreshhold = 0.5\n")
+    assert (
+        main(["data", "curate-sft", "--input", str(path), "--out", str(tmp_path / "p"), "--config", str(bad)])
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "threshhold" in err and err.startswith("herd data curate-sft: error")
