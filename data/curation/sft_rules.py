@@ -12,7 +12,8 @@ goes) or `downsample`: matching dialogs are kept only up to `target_ratio` of th
 leaves, i.e. k = min(m, ⌊ratio · r / (1 − ratio)⌋) of the m matching ones, r the dialogs that do not
 match, so k / (k + r) ≤ ratio with the largest such k. Which k survive is decided by a seeded hash of
 (seed, rule, input ordinal): the same for a seed whatever the order or chunking of the input.
-Rules apply one after another, each to what the previous ones left.
+Rules apply one after another, each to what the previous ones left, so a down-sampling rule's ratio
+holds in the stage's output only for rules after it: put removals first (as the defaults do).
 """
 
 from __future__ import annotations
@@ -67,12 +68,12 @@ class Rule:
         return len(self._regex.findall(text))
 
 
-# The paper's examples as defaults: apologies down-sampled to 5 %, emoji / exclamation floods removed.
+# The paper's examples as defaults: emoji / exclamation floods removed, then apologies down-sampled to 5 %.
 DEFAULT_RULES = (
-    Rule("apology", "regex", r"\b(?:i'?m sorry|i am sorry|i apologi[sz]e|my apologies)\b",
-         action="downsample", target_ratio=0.05),
     Rule("emoji", "emoji", min_count=3),
     Rule("exclamation", "exclamation", min_count=3),
+    Rule("apology", "regex", r"\b(?:i'?m sorry|i am sorry|i apologi[sz]e|my apologies)\b",
+         action="downsample", target_ratio=0.05),
 )  # fmt: skip
 
 

@@ -208,7 +208,7 @@ def test_curate_sft_command_and_example_config(tmp_path: Path, capsys) -> None:
 
     example = Path(__file__).resolve().parents[2] / "examples" / "curate_sft.toml"
     cfg = load_curation_config(example)
-    assert [r.name for r in cfg.rules] == ["apology", "emoji", "exclamation"] and cfg.dedup.threshold == 0.9
+    assert [r.name for r in cfg.rules] == ["emoji", "exclamation", "apology"] and cfg.dedup.threshold == 0.9
     rows = [dialog(i, "Sure!!! 🎉🎉🎉" if i == 2 else f"Answer {i}.") for i in range(5)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     assert main(["data", "curate-sft", "--input", str(path), "--out", str(tmp_path / "o"), "--config", str(example),
@@ -223,3 +223,27 @@ def test_curate_sft_command_and_example_config(tmp_path: Path, capsys) -> None:
     )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "threshhold" in err and err.startswith("herd data curate-sft: error")
+
+
+def test_generated_dialogs_and_the_default_rules(tmp_path: Path) -> None:
+    from herd.data.curation.sft_curation import CurationConfig
+    from herd.data.synthetic.sft_dialogs import defect_counts, generate_sft_dialogs, write_sft_dialogs
+
+    rows = generate_sft_dialogs(400, seed=0)
+    assert rows == generate_sft_dialogs(400, seed=0)
+    assert defect_counts(rows) == {"apology": 53, "copy": 37, "emoji": 18, "exclamation": 15, "none": 169,
+                                   "wrong": 108}  # fmt: skip
+    by_id = {r["id"]: r for r in rows}
+    assert all(r["messages"] == by_id[r["copy_of"]]["messages"] for r in rows if r["defect"] == "copy")
+    path = write_sft_dialogs(tmp_path / "d.jsonl", 400, seed=0)
+    rep = curate_sft([path], tmp_path / "out", CurationConfig(progress=False))  # the paper's default rules
+    rejects = read_jsonl(tmp_path / "out" / "rejects.jsonl")
+    # every emoji / exclamation dialog goes (copies of them too); apologies are cut to ≤ 5 % of the rest
+    flooded = {r["id"] for r in rows if by_id.get(r.get("copy_of"), r)["defect"] in ("emoji", "exclamation")}
+    assert {r["id"] for r in rejects if r["reason"] in ("rule:emoji", "rule:exclamation")} == flooded
+    kept = read_jsonl(tmp_path / "out" / "curated.jsonl")
+    sorry = sum(by_id.get(k.get("copy_of"), k)["defect"] == "apology" for k in kept)
+    stats = rep["stages"]["rules"]["rules"]["apology"]
+    assert (
+        sorry == stats["kept_matching"] and sorry / len(kept) <= 0.05 and (sorry + 1) / (len(kept) + 1) > 0.05
+    )
