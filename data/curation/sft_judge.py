@@ -136,14 +136,18 @@ def _unique(items: Sequence[str]) -> list[str] | None:
 
 
 def parse_difficulty(text: str) -> int | None:
-    """A 1–3 rating: "Difficulty: 2", "rating 3/3", "**2**", or the words easy / medium / hard."""
+    """A 1–3 rating: "Difficulty: 2", "I rate it 3", "2/3", "2 out of 3", a bare "**2**", or the words
+    easy / medium / hard. Digits inside other text ("3 plus 3 is 6") are not a rating: None."""
     norm = _normalise(text)
-    m = re.search(r"\b(?:difficulty|rating|score|level)\b[^0-9\n]{0,12}([1-3])\b", norm)
+    m = re.search(r"\b(?:difficulty|rat(?:e|ed|ing)|score|level)\b[^0-9\n]{0,12}([1-3])\b", norm)
     if m:
         return int(m.group(1))
-    digits = re.findall(r"(?<![\d.])([1-3])(?![\d.])", norm)
-    if len(set(digits)) == 1:
-        return int(digits[0])
+    m = re.search(r"(?<![\d.])([1-3])\s*(?:/|out of|of)\s*3\b", re.sub(r"[*`]", "", text.lower()))
+    if m:
+        return int(m.group(1))
+    bare = re.sub(r"[^a-z0-9]", "", norm)
+    if bare in ("1", "2", "3"):
+        return int(bare)
     words = {v for w, v in _DIFFICULTY_WORDS.items() if re.search(rf"\b{w}\b", norm)}
     return words.pop() if len(words) == 1 else None
 

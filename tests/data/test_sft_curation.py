@@ -112,6 +112,12 @@ def test_parse_code_rubric_and_other_outputs() -> None:
     assert parse_difficulty("rating = 1 (of 3)") == 1
     assert parse_difficulty("between 1 and 2, maybe 3") is None
     assert parse_difficulty("difficulty 5") is None
+    assert (
+        parse_difficulty(" **2** ") == 2
+        and parse_difficulty("2 out of 3") == 2
+        and parse_difficulty("1/3") == 1
+    )
+    assert parse_difficulty("3 plus 3 is 6.") is None  # a digit in an answer is not a rating
 
 
 def test_rank_percentiles_and_top_quartile() -> None:
