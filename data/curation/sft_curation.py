@@ -163,10 +163,6 @@ def _reject(ex: Example, stage: str, reason: str, detail: dict[str, Any] | None 
             **(detail or {})}  # fmt: skip
 
 
-def _stage_report(n_in: int, kept: int, rejects: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-    return {"input": n_in, "kept": kept, "removed": dict(Counter(r["reason"] for r in rejects)), **extra}
-
-
 def load_models(cfg: CurationConfig) -> dict[str, Any]:
     """The scorers `cfg` names, loaded once: reward_scorer, judge, embedder (absent ones are None)."""
     from herd.text.generation import SamplingParams
@@ -199,6 +195,71 @@ def load_models(cfg: CurationConfig) -> dict[str, Any]:
     return out
 
 
+# --- the stages: (examples in, config, models) → (examples kept, their rejects, the stage's counts) -------------
+StageResult = tuple[list[Example], list[dict[str, Any]], dict[str, Any]]
+
+
+def rules_stage(examples: list[Example], cfg: CurationConfig, models: dict[str, Any]) -> StageResult:
+    kept, removed, stats = apply_rules(examples, cfg.rules, cfg.seed)
+    stats.pop("removed")  # the stage report counts reasons itself
+    return kept, [_reject(ex, "rules", reason, detail) for ex, reason, detail in removed], {"rules": stats}
+
+
+def quality_stage(examples: list[Example], cfg: CurationConfig, models: dict[str, Any]) -> StageResult:
+    counts = score_quality([ex.record for ex in examples], [ex.messages for ex in examples],
+                           [ex.scores for ex in examples], models["reward_scorer"], models["judge"])  # fmt: skip
+    if not cfg.quality.keep_only_high_quality:
+        return examples, [], {"counts": counts}
+    rejects = [_reject(ex, "quality", "not_high_quality", {"scores": ex.scores.as_dict()})
+               for ex in examples if not ex.scores.quality_high]  # fmt: skip
+    return [ex for ex in examples if ex.scores.quality_high], rejects, {"counts": counts}
+
+
+def difficulty_stage(examples: list[Example], cfg: CurationConfig, models: dict[str, Any]) -> StageResult:
+    if models["judge"] is None or not cfg.difficulty.enabled:
+        return (
+            examples,
+            [],
+            {"counts": {"skipped": "no judge model" if cfg.difficulty.enabled else "disabled"}},
+        )
+    counts = score_difficulty([ex.messages for ex in examples], [ex.scores for ex in examples],
+                              models["judge"], cfg.difficulty.max_intents)  # fmt: skip
+    return examples, [], {"counts": counts}
+
+
+def dedup_stage(examples: list[Example], cfg: CurationConfig, models: dict[str, Any]) -> StageResult:
+    import numpy as np
+
+    from herd.data.curation.sft_dedup import greedy_select, kmeans_clusters, normalise
+
+    if models["embedder"] is None:
+        return examples, [], {"counts": {"skipped": "no embedder"}}
+    x = normalise(models["embedder"]([ex.messages for ex in examples]))  # (n, d)
+    k = cfg.dedup.n_clusters or int(np.ceil(np.sqrt(len(examples))))
+    clusters = kmeans_clusters(x, k, cfg.seed, cfg.dedup.kmeans_iters)  # (n,)
+    priority = [ex.scores.quality_score * ex.scores.difficulty_score for ex in examples]
+    keep, why = greedy_select(x, clusters, priority, cfg.dedup.threshold)
+    rejects = []
+    for i, ex in enumerate(examples):
+        ex.cluster, ex.priority = int(clusters[i]), priority[i]
+        if not keep[i]:
+            twin, cos = why[i]
+            rejects.append(_reject(ex, "semantic_dedup", "semantic_duplicate", {
+                "similar_to": examples[twin].ordinal, "similar_to_id": examples[twin].record.get("id"),
+                "cosine": round(cos, 4), "cluster": ex.cluster, "priority": priority[i],
+                "similar_to_priority": priority[twin], "scores": ex.scores.as_dict()}))  # fmt: skip
+    counts = {
+        "clusters": int(len(np.unique(clusters))),
+        "threshold": cfg.dedup.threshold,
+        "dim": int(x.shape[1]),
+    }
+    return [ex for i, ex in enumerate(examples) if keep[i]], rejects, {"counts": counts}
+
+
+STAGES = (("rules", rules_stage), ("quality", quality_stage), ("difficulty", difficulty_stage),
+          ("semantic_dedup", dedup_stage))  # fmt: skip
+
+
 def curate_sft(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
@@ -207,83 +268,27 @@ def curate_sft(
 ) -> dict[str, Any]:
     """Run every stage over the dialogs of `inputs`; writes curated.jsonl, rejects.jsonl, report.json and
     returns the report. `models` (reward_scorer, judge, embedder) default to `load_models(cfg)`."""
-    import numpy as np
     from rich.console import Console
-
-    from herd.data.curation.sft_dedup import greedy_select, kmeans_clusters, normalise
 
     console = Console(stderr=True, quiet=not cfg.progress)
     models = load_models(cfg) if models is None else models
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    seconds: dict[str, float] = {}
     examples, rejects, n_records = read_examples(inputs)
     stages: dict[str, Any] = {}
-
-    def timed(name: str, t: float) -> None:
+    seconds: dict[str, float] = {}
+    for name, stage in STAGES:
+        t, n_in = time.perf_counter(), len(examples)
+        if examples:
+            examples, stage_rejects, extra = stage(examples, cfg, models)
+        else:
+            stage_rejects, extra = [], {"counts": {"skipped": "no dialogs left"}}
+        stages[name] = {"input": n_in, "kept": len(examples),
+                        "removed": dict(Counter(r["reason"] for r in stage_rejects)), **extra}  # fmt: skip
+        rejects += stage_rejects
         seconds[name] = round(time.perf_counter() - t, 3)
-        console.log(f"{name}: {stages[name]['kept']}/{stages[name]['input']} kept ({seconds[name]} s)")
-
-    t = time.perf_counter()
-    n_in = len(examples)
-    examples, removed, rule_stats = apply_rules(examples, cfg.rules, cfg.seed)
-    stage_rejects = [_reject(ex, "rules", reason, detail) for ex, reason, detail in removed]
-    rule_stats.pop("removed")
-    stages["rules"] = _stage_report(n_in, len(examples), stage_rejects, rules=rule_stats)
-    rejects += stage_rejects
-    timed("rules", t)
-
-    t = time.perf_counter()
-    n_in = len(examples)
-    msgs = [ex.messages for ex in examples]
-    scores = [ex.scores for ex in examples]
-    quality = score_quality(
-        [ex.record for ex in examples], msgs, scores, models["reward_scorer"], models["judge"]
-    )
-    stage_rejects = []
-    if cfg.quality.keep_only_high_quality:
-        stage_rejects = [_reject(ex, "quality", "not_high_quality", {"scores": ex.scores.as_dict()})
-                         for ex in examples if not ex.scores.quality_high]  # fmt: skip
-        examples = [ex for ex in examples if ex.scores.quality_high]
-    stages["quality"] = _stage_report(n_in, len(examples), stage_rejects, counts=quality)
-    rejects += stage_rejects
-    timed("quality", t)
-
-    t = time.perf_counter()
-    difficulty: dict[str, Any] = {"skipped": "no judge model"}
-    if models["judge"] is not None and cfg.difficulty.enabled and examples:
-        difficulty = score_difficulty([ex.messages for ex in examples], [ex.scores for ex in examples],
-                                      models["judge"], cfg.difficulty.max_intents)  # fmt: skip
-    stages["difficulty"] = _stage_report(len(examples), len(examples), [], counts=difficulty)
-    timed("difficulty", t)
-
-    t = time.perf_counter()
-    n_in = len(examples)
-    stage_rejects, dedup = [], {"skipped": "no embedder"}
-    if models["embedder"] is not None and examples:
-        x = normalise(models["embedder"]([ex.messages for ex in examples]))  # (n, d)
-        k = cfg.dedup.n_clusters or int(np.ceil(np.sqrt(n_in)))
-        clusters = kmeans_clusters(x, k, cfg.seed, cfg.dedup.kmeans_iters)
-        priority = [ex.scores.quality_score * ex.scores.difficulty_score for ex in examples]
-        keep, why = greedy_select(x, clusters, priority, cfg.dedup.threshold)
-        for i, ex in enumerate(examples):
-            ex.cluster, ex.priority = int(clusters[i]), priority[i]
-            if not keep[i]:
-                twin, cos = why[i]
-                stage_rejects.append(_reject(ex, "semantic_dedup", "semantic_duplicate", {
-                    "similar_to": examples[twin].ordinal, "similar_to_id": examples[twin].record.get("id"),
-                    "cosine": round(cos, 4), "cluster": ex.cluster, "priority": priority[i],
-                    "similar_to_priority": priority[twin], "scores": ex.scores.as_dict()}))  # fmt: skip
-        examples = [ex for i, ex in enumerate(examples) if keep[i]]
-        dedup = {
-            "clusters": int(len(np.unique(clusters))),
-            "threshold": cfg.dedup.threshold,
-            "dim": int(x.shape[1]),
-        }
-    stages["semantic_dedup"] = _stage_report(n_in, len(examples), stage_rejects, counts=dedup)
-    rejects += stage_rejects
-    timed("semantic_dedup", t)
+        console.log(f"{name}: {len(examples)}/{n_in} kept ({seconds[name]} s)")
 
     with atomic_write(out / "curated.jsonl") as f:
         for ex in examples:
