@@ -260,6 +260,46 @@ STAGES = (("rules", rules_stage), ("quality", quality_stage), ("difficulty", dif
           ("semantic_dedup", dedup_stage))  # fmt: skip
 
 
+def _model_calls(stage: str, cfg: CurationConfig, models: dict[str, Any]) -> int:
+    """Model passes per dialog in a stage (the progress bar's total is this × dialogs)."""
+    judge = models["judge"] is not None
+    if stage == "quality":
+        return int(models["reward_scorer"] is not None) + int(judge)
+    if stage == "difficulty":
+        return 2 * int(judge and cfg.difficulty.enabled)
+    return int(stage == "semantic_dedup" and models["embedder"] is not None)
+
+
+class _BlockScorer:
+    """A reward scorer called on blocks of dialogs so that a progress bar can move between them."""
+
+    def __init__(self, inner: Any, advance: Any, block: int = 256) -> None:
+        self.inner, self.advance, self.block = inner, advance, block
+
+    @property
+    def truncated(self) -> int:
+        return getattr(self.inner, "truncated", 0)
+
+    def __call__(self, dialogs: Sequence[Any]) -> list[float]:
+        out: list[float] = []
+        for start in range(0, len(dialogs), self.block):
+            part = dialogs[start : start + self.block]
+            out.extend(self.inner(part))
+            self.advance(len(part))
+        return out
+
+
+def _reporting(models: dict[str, Any], advance: Any) -> dict[str, Any]:
+    """Point the judge's and embedder's `on_batch` at `advance` (None: detach); the models for a stage."""
+    for key in ("judge", "embedder"):
+        if models[key] is not None and hasattr(models[key], "on_batch"):
+            models[key].on_batch = advance
+    scorer = models["reward_scorer"]
+    if advance is None or scorer is None:
+        return models
+    return {**models, "reward_scorer": _BlockScorer(scorer, advance)}
+
+
 def curate_sft(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
@@ -269,6 +309,7 @@ def curate_sft(
     """Run every stage over the dialogs of `inputs`; writes curated.jsonl, rejects.jsonl, report.json and
     returns the report. `models` (reward_scorer, judge, embedder) default to `load_models(cfg)`."""
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True, quiet=not cfg.progress)
     models = load_models(cfg) if models is None else models
@@ -278,17 +319,26 @@ def curate_sft(
     examples, rejects, n_records = read_examples(inputs)
     stages: dict[str, Any] = {}
     seconds: dict[str, float] = {}
-    for name, stage in STAGES:
-        t, n_in = time.perf_counter(), len(examples)
-        if examples:
-            examples, stage_rejects, extra = stage(examples, cfg, models)
-        else:
-            stage_rejects, extra = [], {"counts": {"skipped": "no dialogs left"}}
-        stages[name] = {"input": n_in, "kept": len(examples),
-                        "removed": dict(Counter(r["reason"] for r in stage_rejects)), **extra}  # fmt: skip
-        rejects += stage_rejects
-        seconds[name] = round(time.perf_counter() - t, 3)
-        console.log(f"{name}: {len(examples)}/{n_in} kept ({seconds[name]} s)")
+    columns = (TextColumn("[bold]curate-sft[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=console, disable=not cfg.progress) as bar:
+        for name, stage in STAGES:
+            t, n_in = time.perf_counter(), len(examples)
+            total = _model_calls(name, cfg, models) * n_in or 1  # a stage without a model: one step
+            task = bar.add_task(name, total=total)
+            stage_models = _reporting(models, lambda n, task=task: bar.advance(task, n))
+            if examples:
+                examples, stage_rejects, extra = stage(examples, cfg, stage_models)
+            else:
+                stage_rejects, extra = [], {"counts": {"skipped": "no dialogs left"}}
+            _reporting(models, None)
+            stages[name] = {"input": n_in, "kept": len(examples),
+                            "removed": dict(Counter(r["reason"] for r in stage_rejects)), **extra}  # fmt: skip
+            rejects += stage_rejects
+            seconds[name] = round(time.perf_counter() - t, 3)
+            bar.update(
+                task, completed=total, description=f"{name}: {len(examples)}/{n_in} kept ({seconds[name]} s)"
+            )
 
     with atomic_write(out / "curated.jsonl") as f:
         for ex in examples:

@@ -14,7 +14,7 @@ L2-normalised, clustered with faiss k-means (spherical, seeded), and `greedy_sel
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ class HerdEmbedder:
         self.model, self.format, self.batch_size = model, ChatFormat(tokenizer), batch_size
         self.pad_id = max(getattr(tokenizer, "pad_id", 0), 0)
         self.truncated = 0
+        self.on_batch: Callable[[int], None] | None = None  # called with each batch's size (a progress bar)
 
     @torch.inference_mode()
     def __call__(self, dialogs: Sequence[list[Any]]) -> np.ndarray:
@@ -59,6 +60,8 @@ class HerdEmbedder:
                 mask[b, : len(ids)] = 1.0
             h = self.model.norm(self.model.forward_hidden(tokens)).float()  # (B, T, D)
             out.append(((h * mask).sum(1) / mask.sum(1)).cpu().numpy())  # (B, D)
+            if self.on_batch is not None:
+                self.on_batch(len(chunk))
         return np.concatenate(out).astype(np.float32)
 
 
@@ -71,6 +74,7 @@ class HFEmbedder:
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
         self.batch_size, self.max_length, self.device = batch_size, max_length, device
+        self.on_batch: Callable[[int], None] | None = None
 
     @torch.inference_mode()
     def __call__(self, dialogs: Sequence[list[Any]]) -> np.ndarray:
@@ -82,6 +86,8 @@ class HFEmbedder:
             h = self.model(**enc).last_hidden_state.float()  # (B, T, D)
             mask = enc["attention_mask"][..., None].float()  # (B, T, 1)
             out.append(((h * mask).sum(1) / mask.sum(1)).cpu().numpy())
+            if self.on_batch is not None:
+                self.on_batch(len(enc["input_ids"]))
         return np.concatenate(out).astype(np.float32)
 
 

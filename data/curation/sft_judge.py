@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,6 +191,7 @@ class ChatJudge:
     params: SamplingParams
     batch_size: int = 8
     truncated: int = 0
+    on_batch: Callable[[int], None] | None = None  # called with each batch's size (a progress bar)
 
     def ask(self, prompts: Sequence[list[Message]]) -> list[str]:
         fmt = ChatFormat(self.tokenizer)
@@ -213,4 +214,6 @@ class ChatJudge:
             )
             done = generate(self.model, chunk, params, stop_ids=self.tokenizer.stop_ids, pad_id=pad)
             replies.extend(self.tokenizer.decode(c.tokens) for c in done)
+            if self.on_batch is not None:
+                self.on_batch(len(chunk))
         return replies
