@@ -4,7 +4,7 @@
     herd train TASK --config PATH          the one training loop; TASK from herd.task.TASKS
     herd generate | chat | guard | ask | serve   inference; guard: the Llama Guard 3 filter; serve: the OpenAI-compatible server
     herd post sample|gatt|average|dpo-reference      post-training data and checkpoints
-    herd data tokenize|dedup-images|dedup-text|filter-text|filter-clip|resample   data preparation
+    herd data tokenize|dedup-images|dedup-text|filter-text|filter-clip|resample|curate-sft   data preparation
     herd convert | plan                    checkpoint layouts; memory/throughput of parallel layouts
 
 The scheme: a verb for a job that stands alone (`train`, `generate`, `convert`, ...), a group noun for a
@@ -26,7 +26,7 @@ EPILOG = """commands by family:
   train        quickstart, train TASK
   inference    generate, chat, guard, ask, serve
   post         post sample | gatt | average | dpo-reference
-  data         data tokenize | dedup-images | dedup-text | filter-text | filter-clip | resample
+  data         data tokenize | dedup-images | dedup-text | filter-text | filter-clip | resample | curate-sft
   models       convert, plan
 
 Bad input ends with one line on stderr, `herd COMMAND: error: ...`, and exit status 2;
