@@ -181,6 +181,37 @@ def model_scorer(model: Any, tokenizer: Any, batch_size: int = 8) -> Scorer:
     return lambda pairs: [s.logprob for s in score_texts(model, tokenizer, pairs, batch_size)]
 
 
+def run_robustness(
+    model_dir: str | Path,
+    data: str | Path,
+    out_dir: str | Path,
+    shots: int = 4,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """`herd eval robustness`: `robustness_report` of a checkpoint on a multiple-choice jsonl file; writes
+    `robustness.json` and `robustness.png` (accuracy per variant beside chance) into `out_dir`."""
+    from herd.evaluation.plots import bar_chart
+    from herd.text.loading import load_pretrained
+
+    skipped = SkipCounter()
+    records = read_mc_records(data, skipped)
+    if not records:
+        raise ValueError(f"{data}: no valid multiple-choice record ({skipped.total} skipped)")
+    model, tokenizer = load_pretrained(model_dir, device=device)
+    report = robustness_report(records, model_scorer(model, tokenizer, batch_size), shots, seed)
+    report["skipped"] = dict(skipped.counts)
+    report["skipped_examples"] = skipped.examples
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "robustness.json").write_text(json.dumps(report, indent=2))
+    chance = {name: report["chance"] for name in report["accuracy"]}
+    bar_chart(report["accuracy"], out / "robustness.png", "multiple-choice accuracy per variant", "accuracy",
+              reference=chance)  # fmt: skip
+    return report
+
+
 __all__ = [
     "LABEL_SETS",
     "MCRecord",
@@ -189,6 +220,7 @@ __all__ = [
     "read_mc_records",
     "robustness_report",
     "rotate_to",
+    "run_robustness",
     "spread",
     "variant_accuracy",
 ]

@@ -158,3 +158,51 @@ def test_rolling_loglikelihood_matches_hf_across_windows(hf_runs) -> None:
     assert ours == pytest.approx(theirs, abs=1e-3)  # sums over ~300 tokens
     whole = herd_lm.loglikelihood([Instance("loglikelihood", {}, ("", short), 0)])[0][0]
     assert ours[1] == pytest.approx(whole, abs=1e-5)
+
+
+def test_robustness_and_contamination_commands_on_the_trained_model(workspace, capsys) -> None:
+    """The 12 first arith_mc questions: robustness variants, and contamination against the training corpus
+    (every question + answer is in it), whose clean/contaminated accuracy equals lm-eval's per-document acc."""
+    root, model, tasks, _ = workspace
+    mc = root / "mc12.jsonl"
+    mc.write_text("".join((tasks / "arith_mc.jsonl").read_text().splitlines(keepends=True)[:12]))
+    out = root / "robust"
+    assert (
+        main(
+            [
+                "eval",
+                "robustness",
+                "--model",
+                str(model),
+                "--data",
+                str(mc),
+                "--out",
+                str(out),
+                "--shots",
+                "2",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "robustness.json").read_text())
+    assert len(report["accuracy"]) == 11 and report["examples"] == 12 and report["chance"] == 0.25
+    values = list(report["accuracy"].values())
+    assert report["spread"]["all"]["range"] == pytest.approx(max(values) - min(values))
+    assert all(0.0 <= v <= 1.0 for v in values) and (out / "robustness.png").is_file()
+
+    out = root / "contam"
+    argv = [
+        "eval",
+        "contamination",
+        "--tasks",
+        str(mc),
+        "--corpus",
+        str(root / "corpus.jsonl"),
+        "--model",
+        str(model),
+    ]
+    assert main([*argv, "--out", str(out)]) == 0
+    task = json.loads((out / "contamination.json").read_text())["tasks"]["mc12"]
+    assert task["contaminated_fraction"] == 1.0 and min(task["overlap"]) == 1.0
+    per_doc = [s["acc"] for s in _samples(root / "herd_eval", "arith_mc") if s["doc_id"] < 12]
+    assert task["score_contaminated"] == pytest.approx(sum(per_doc) / 12) and task["score_clean"] is None
