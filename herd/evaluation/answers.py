@@ -10,15 +10,17 @@ VQA (Antol et al. 2015, the VQA v2 evaluation's rules, re-implemented from its d
   acc = mean_i min(1, #{j ≠ i : gt_j = pred} / 3); with fewer answers the same rule over what is given
   (one answer: exact match after normalisation).
 
-ASR: word and character error rates from `jiwer` after its normalisation (`jiwer.wer_default` /
-`cer_default` transforms: lower case, punctuation removed, whitespace collapsed), pooled over the set
-(total edits / total reference words), as speech papers report them.
+ASR: word and character error rates from `jiwer` after its normalisation (the `jiwer.wer_standardize`
+steps: lower case, common English contractions expanded, Kaldi non-words removed, whitespace collapsed;
+plus punctuation removed), pooled over the set (total edits / total reference words), as speech papers
+report them.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 _PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]  # fmt: skip
 _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
@@ -85,21 +87,32 @@ def exact_match(prediction: str, references: Sequence[str]) -> float:
     return float(any(pred == normalize_vqa_answer(r) for r in references))
 
 
+def _jiwer_normalisation(chars: bool) -> Any:
+    """jiwer's `wer_standardize` steps (lower case, contractions expanded, Kaldi non-words dropped,
+    whitespace collapsed) plus `RemovePunctuation`, ending in words or characters."""
+    import jiwer
+
+    return jiwer.Compose([
+        jiwer.ToLowerCase(), jiwer.ExpandCommonEnglishContractions(), jiwer.RemoveKaldiNonWords(),
+        jiwer.RemovePunctuation(), jiwer.RemoveWhiteSpace(replace_by_space=True), jiwer.RemoveMultipleSpaces(),
+        jiwer.Strip(), jiwer.ReduceToListOfListOfChars() if chars else jiwer.ReduceToListOfListOfWords(),
+    ])  # fmt: skip
+
+
 def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict[str, float]:
-    """Pooled WER and CER (jiwer, its default normalisation) of transcripts against references."""
+    """Pooled WER and CER (jiwer, `_jiwer_normalisation`) of transcripts against references."""
     import jiwer
 
     if len(references) != len(hypotheses) or not references:
         raise ValueError(f"{len(references)} references for {len(hypotheses)} hypotheses")
-    words = jiwer.process_words(
-        list(references), list(hypotheses),
-        reference_transform=jiwer.wer_default, hypothesis_transform=jiwer.wer_default,
-    )  # fmt: skip
-    chars = jiwer.process_characters(
-        list(references), list(hypotheses),
-        reference_transform=jiwer.cer_default, hypothesis_transform=jiwer.cer_default,
-    )  # fmt: skip
-    return {"wer": words.wer, "cer": chars.cer}
+    words, chars = _jiwer_normalisation(False), _jiwer_normalisation(True)
+    # an empty hypothesis is a valid transcript (all deletions); jiwer wants a string, not an empty list
+    hyps = [h if h.strip() else "" for h in hypotheses]
+    w = jiwer.process_words(list(references), hyps, reference_transform=words, hypothesis_transform=words)
+    c = jiwer.process_characters(
+        list(references), hyps, reference_transform=chars, hypothesis_transform=chars
+    )
+    return {"wer": w.wer, "cer": c.cer}
 
 
 __all__ = [
