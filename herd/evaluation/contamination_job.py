@@ -109,7 +109,12 @@ def run_contamination(
     lm = None
     if model is not None:
         lm = load_pretrained(model)
-    tok = load_tokenizer(tokenizer) if tokenizer is not None else (lm[1] if lm else load_tokenizer(None))
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    else:
+        # a trimmed vocabulary (the quickstart's) maps unseen tokens to one unknown id, which would make
+        # n-grams match that differ in the text: its full base tokenizer splits the text the same way
+        tok = getattr(lm[1], "base", lm[1]) if lm else load_tokenizer(None)
     names = list(examples)
     token_lists = [tok.encode(text, bos=False, eos=False) for n in names for text, _, _ in examples[n]]
     index = NgramIndex.build(token_lists)

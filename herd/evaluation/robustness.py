@@ -19,6 +19,10 @@ Variants (each a list of (prompt, labels, correct index) per record):
 - `order:<p>` — choices rotated so that the correct one is at position p (p = 0 … k-1), letters;
 - `fewshot:<dist>` — `shots` examples whose correct labels are all the first label (`all_first`), all
   the last (`all_last`) or spread evenly (`balanced`), letters, original order.
+
+A label set whose labels the tokenizer cannot tell apart (a trimmed vocabulary maps unseen symbols to
+one unknown id) is left out and named in the report; the order and few-shot variants then use the
+first label set left (numbers for the quickstart's vocabulary).
 """
 
 from __future__ import annotations
@@ -112,14 +116,23 @@ def _shots(records: Sequence[MCRecord], i: int, shots: int, dist: str, rng: rand
     return out
 
 
-def build_variants(records: Sequence[MCRecord], shots: int = 4, seed: int = 0) -> dict[str, list[tuple[str, tuple[str, ...], int]]]:  # fmt: skip
+def build_variants(
+    records: Sequence[MCRecord],
+    shots: int = 4,
+    seed: int = 0,
+    label_sets: dict[str, tuple[str, ...]] | None = None,
+) -> dict[str, list[tuple[str, tuple[str, ...], int]]]:
     """variant name → per record (prompt, labels, correct index); see the module docstring."""
     variants: dict[str, list[tuple[str, tuple[str, ...], int]]] = {}
-    for name, labels in LABEL_SETS.items():
+    label_sets = LABEL_SETS if label_sets is None else label_sets
+    if not label_sets:
+        raise ValueError("no label set the tokenizer can tell apart")
+    for name, labels in label_sets.items():
         variants[f"labels:{name}"] = [
             (render(r, labels), labels[: len(r.choices)], r.answer) for r in records
         ]
-    letters = LABEL_SETS["letters"]
+    # order and few-shot variants: letters, or the first label set the tokenizer keeps apart
+    letters = label_sets.get("letters") or next(iter(label_sets.values()))
     for p in range(min(len(r.choices) for r in records) if records else 0):
         rotated = [rotate_to(r, p) for r in records]
         variants[f"order:{p}"] = [(render(r, letters), letters[: len(r.choices)], p) for r in rotated]
@@ -160,10 +173,27 @@ def spread(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def robustness_report(records: Sequence[MCRecord], scorer: Scorer, shots: int = 4, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+def distinct_label_sets(tokenizer: Any) -> tuple[dict[str, tuple[str, ...]], list[str]]:
+    """The label sets whose " label" continuations the tokenizer keeps apart, and the names of the others
+    (a trimmed vocabulary maps unseen symbols to one unknown id: every choice would tie)."""
+    keep, dropped = {}, []
+    for name, labels in LABEL_SETS.items():
+        encoded = {tuple(tokenizer.encode(f" {label}", bos=False, eos=False)) for label in labels}
+        unk = getattr(tokenizer, "unk_id", None)
+        if len(encoded) == len(labels) and not any(unk in e for e in encoded):
+            keep[name] = labels
+        else:
+            dropped.append(name)
+    return keep, dropped
+
+
+def robustness_report(
+    records: Sequence[MCRecord], scorer: Scorer, shots: int = 4, seed: int = 0,
+    label_sets: dict[str, tuple[str, ...]] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Accuracy per variant and the spread within each family (labels, order, fewshot) and overall."""
     accuracy = {}
-    for name, items in build_variants(records, shots, seed).items():
+    for name, items in build_variants(records, shots, seed, label_sets).items():
         accuracy[name], _ = variant_accuracy(items, scorer)
     families: dict[str, list[float]] = {}
     for name, acc in accuracy.items():
@@ -200,7 +230,9 @@ def run_robustness(
     if not records:
         raise ValueError(f"{data}: no valid multiple-choice record ({skipped.total} skipped)")
     model, tokenizer = load_pretrained(model_dir, device=device)
-    report = robustness_report(records, model_scorer(model, tokenizer, batch_size), shots, seed)
+    label_sets, dropped = distinct_label_sets(tokenizer)
+    report = robustness_report(records, model_scorer(model, tokenizer, batch_size), shots, seed, label_sets)
+    report["label_sets_dropped"] = dropped  # not representable by this tokenizer
     report["skipped"] = dict(skipped.counts)
     report["skipped_examples"] = skipped.examples
     out = Path(out_dir)
@@ -216,6 +248,7 @@ __all__ = [
     "LABEL_SETS",
     "MCRecord",
     "build_variants",
+    "distinct_label_sets",
     "model_scorer",
     "read_mc_records",
     "robustness_report",

@@ -205,3 +205,27 @@ def test_bad_multiple_choice_records_are_counted(tmp_path) -> None:
         "not_an_object": 1,
         "bad_json": 1,
     }
+
+
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys) -> None:
+    from herd.cli import main
+
+    missing = tmp_path / "missing.jsonl"
+    (tmp_path / "notask.yaml").write_text("dataset_path: json\n")
+    cases = [
+        (["eval", "lm", "--model", "m", "--tasks", str(missing.with_suffix(".yaml")), "--out", str(tmp_path)],
+         f"herd eval lm: error: {missing.with_suffix('.yaml')}: task file does not exist"),
+        (["eval", "lm", "--model", "m", "--tasks", str(tmp_path / "notask.yaml"), "--out", str(tmp_path)],
+         f"herd eval lm: error: {tmp_path / 'notask.yaml'}: no `task:` name in the YAML"),
+        (["eval", "contamination", "--tasks", "t", "--corpus", "c", "--threshold", "2", "--out", str(tmp_path)],
+         "herd eval contamination: error: --threshold must be in (0, 1], not 2.0"),
+        (["eval", "vqa", "--model", "m", "--data", str(missing), "--out", str(tmp_path)],
+         f"herd eval vqa: error: {missing}: No such file or directory"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith(message), (argv, err)
