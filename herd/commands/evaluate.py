@@ -36,7 +36,9 @@ def cmd_lm(args: argparse.Namespace) -> int:
     report = run_lm_eval(args.model, tasks, args.out, include_path=args.include_path,
                          num_fewshot=args.num_fewshot, limit=args.limit, batch_size=args.batch_size,
                          device=args.device)  # fmt: skip
-    _print({"out": str(report.out_dir), "metrics": report.metrics, "documents": report.samples})
+    if report.rank == 0:  # under torchrun rank 0 holds the gathered results
+        _print({"out": str(report.out_dir), "metrics": report.metrics, "documents": report.samples,
+                "ranks": report.world_size})  # fmt: skip
     return 0
 
 

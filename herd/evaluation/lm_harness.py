@@ -11,6 +11,10 @@ vocabulary included) and answers the harness's three request types:
   the first of the request's `until` strings (a single token that decodes to one of them also stops
   the row early).
 
+Under `torchrun` (`herd eval lm` started by `torchrun --nproc-per-node N -m herd eval lm ...`) the harness
+gives each rank 1/N of every task's documents and gathers the scores on rank 0 through `HerdLM`'s
+`all_gather` / `gather_object` / `barrier` (torch.distributed; gloo on CPU); rank 0 writes the report.
+
 `run_lm_eval` runs `lm_eval.simple_evaluate` with every hub switch off (`OFFLINE_ENV`): tasks come from
 local YAML files whose `dataset_path: json` points at local `data_files`.
 """
@@ -25,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -103,6 +109,9 @@ class HerdLM(LM):
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token in (True, "True", "true", "1")
+        self._device = next(model.parameters()).device  # LM.device reads it (the evaluator's tensors)
+        if dist.is_available() and dist.is_initialized():  # torchrun: the harness splits the documents
+            self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
         vocab = getattr(tokenizer, "vocab_size", model.args.vocab_size)
         self.vocab_limit = vocab if vocab < model.args.vocab_size else None  # trimmed vocabulary
         self.pad_id = tokenizer.pad_id if getattr(tokenizer, "pad_id", -1) >= 0 else 0
@@ -110,6 +119,27 @@ class HerdLM(LM):
     @property
     def max_length(self) -> int:
         return self.model.args.max_seq_len
+
+    # --- data parallel (torchrun): the collectives the harness's evaluator calls ---------------------------
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A scalar (or 1-D) tensor from every rank, concatenated in rank order."""
+        if self.world_size == 1:
+            return tensor
+        t = tensor.reshape(-1)
+        parts = [torch.zeros_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t)
+        return torch.cat(parts)
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
 
     # --- the three request types ----------------------------------------------------------------------
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -190,8 +220,10 @@ def cut_at_first(text: str, until: tuple[str, ...] | list[str]) -> str:
 @dataclass
 class LMEvalReport:
     out_dir: Path
-    metrics: dict[str, dict[str, float]]  # task → metric → value
+    metrics: dict[str, dict[str, float]]  # task → metric → value (empty on ranks other than 0)
     samples: dict[str, int] = field(default_factory=dict)  # task → evaluated documents
+    rank: int = 0
+    world_size: int = 1
 
 
 def resolve_tasks(tasks: list[str], include_path: str | None) -> tuple[list[str], list[str]]:
@@ -232,9 +264,13 @@ def run_lm_eval(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from herd.parallel.launch import init_distributed
+
     names, paths = resolve_tasks(tasks, include_path)
+    rank, world, _ = init_distributed()  # under torchrun each rank scores 1/world of the documents
+    out = Path(out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     with offline():
         # Indexing the harness's own ~10,000 task YAMLs takes most of a small run: skip it when the
         # local folders define every task asked for.
@@ -250,6 +286,8 @@ def run_lm_eval(
             log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=seed, bootstrap_iters=0,
         )  # fmt: skip
+    if results is None:  # a rank other than 0: rank 0 gathered this rank's scores
+        return LMEvalReport(out, {}, {}, rank, world)
     samples = results.pop("samples", {})
     for task, docs in samples.items():
         with open(out / f"samples_{task}.jsonl", "w") as f:
@@ -260,7 +298,7 @@ def run_lm_eval(
         task: {k: v for k, v in values.items() if isinstance(v, (int, float)) and k != "alias"}
         for task, values in results["results"].items()
     }
-    return LMEvalReport(out, metrics, {task: len(docs) for task, docs in samples.items()})
+    return LMEvalReport(out, metrics, {task: len(docs) for task, docs in samples.items()}, rank, world)
 
 
 __all__ = ["OFFLINE_ENV", "HerdLM", "LMEvalReport", "cut_at_first", "offline", "resolve_tasks", "run_lm_eval"]

@@ -123,3 +123,16 @@ def write_tasks(root: Path, n: int = 40) -> Path:
         "metric_list:\n  - metric: exact_match\n"
     )
     return folder
+
+
+def evaluate_on_rank(model_dir: str, tasks: list[str], out: str) -> dict:
+    """`run_lm_eval` inside one rank of `herd.parallel.launch.spawn_ranks` (the harness splits documents)."""
+    from herd.evaluation.lm_harness import run_lm_eval
+
+    report = run_lm_eval(model_dir, tasks, out)
+    return {
+        "rank": report.rank,
+        "world": report.world_size,
+        "metrics": report.metrics,
+        "samples": report.samples,
+    }

@@ -208,3 +208,33 @@ def test_robustness_and_contamination_commands_on_the_trained_model(workspace, c
     assert task["contaminated_fraction"] == 1.0 and min(task["overlap"]) == 1.0
     per_doc = [s["acc"] for s in _samples(root / "herd_eval", "arith_mc") if s["doc_id"] < 12]
     assert task["score_contaminated"] == pytest.approx(sum(per_doc) / 12) and task["score_clean"] is None
+
+
+def test_two_data_parallel_ranks_give_the_single_process_results(workspace) -> None:
+    from eval_workspace import evaluate_on_rank
+
+    from herd.parallel.launch import spawn_ranks
+
+    root, model, tasks, single = workspace
+    out = root / "dp_eval"
+    ranks = spawn_ranks(
+        evaluate_on_rank,
+        2,
+        str(model),
+        [str(tasks / "arith_mc.yaml"), str(tasks / "arith_gen.yaml")],
+        str(out),
+    )
+    assert [(r["rank"], r["world"]) for r in ranks] == [(0, 2), (1, 2)]
+    assert ranks[1]["metrics"] == {} and ranks[0]["samples"] == {"arith_mc": 40, "arith_gen": 40}
+    assert ranks[0]["metrics"]["arith_mc"]["acc,none"] == single["results"]["arith_mc"]["acc,none"]
+    assert (
+        ranks[0]["metrics"]["arith_gen"]["exact_match,strip"]
+        == single["results"]["arith_gen"]["exact_match,strip"]
+    )
+    by_doc = {s["doc_id"]: s["resps"] for s in _samples(root / "herd_eval", "arith_mc")}
+    dp = _samples(out, "arith_mc")
+    assert sorted(s["doc_id"] for s in dp) == list(range(40))
+    for s in dp:  # each rank batches other documents together: equal up to float rounding
+        ours, single_run = [r[0] for r in s["resps"]], [r[0] for r in by_doc[s["doc_id"]]]
+        assert [g for _, g in ours] == [g for _, g in single_run]
+        assert [float(lp) for lp, _ in ours] == pytest.approx([float(lp) for lp, _ in single_run], abs=1e-5)
