@@ -61,23 +61,14 @@ def test_scores_per_question_type_beside_best_constant() -> None:
 
 @pytest.fixture(scope="module")
 def vision_model(tmp_path_factory):
-    """A seeded tiny image adapter on a tiny LLM (untrained, gates open) and 8 held-out shape questions."""
-    import torch
-    from tiny_workspaces import write_vision_workspace
+    """The server tests' checkpoints (tiny LLM, untrained image adapter with open gates, untrained speech
+    adapter) and 8 held-out shape questions."""
+    from serve_workspace import write_serve_workspace
 
-    from herd.adapters.multimodal import MultimodalLlama
-    from herd.adapters.multimodal_io import save_multimodal_model
-    from herd.text.loading import load_model
-    from herd.vision.encoder import VisionEncoder
-    from herd.vision.vision_args import get_vision_preset
+    from herd.data.synthetic.shapes import write_shapes_dataset
 
-    root = write_vision_workspace(tmp_path_factory.mktemp("vqa"), n_train=1, n_val=8)
-    torch.manual_seed(1)
-    encoder = VisionEncoder(get_vision_preset("tiny", max_num_tiles=1, patch_size=7))
-    model = MultimodalLlama(load_model(root / "llm"), encoder, cross_attention_layers=[0, 1])
-    for block in model.cross_attention.values():
-        torch.nn.init.constant_(block.gate_attn, 0.5)
-    save_multimodal_model(model, root / "llm", 1, root / "image_model")
+    root = write_serve_workspace(tmp_path_factory.mktemp("mm"))
+    write_shapes_dataset(root / "shapes", n_train=1, n_val=8, seed=0, image_size=56)
     return root
 
 
@@ -108,3 +99,34 @@ def test_herd_eval_vqa_end_to_end(vision_model) -> None:
     assert report["per_type"]["overall"]["accuracy"] == pytest.approx(expected)
     assert set(report["per_type"]) == {r["question_type"] for r in good} | {"overall"}
     assert (out / "vqa.png").stat().st_size > 1000
+
+
+def test_herd_eval_asr_end_to_end(vision_model) -> None:
+    from serve_workspace import wav_bytes
+
+    from herd.ask import SpeechQA
+
+    root = vision_model
+    folder = root / "asr"
+    folder.mkdir()
+    texts = ["the cat sat on the mat", "one two three", "hello"]
+    for i, freq in enumerate((330.0, 440.0, 550.0)):
+        (folder / f"{i}.wav").write_bytes(wav_bytes(0.4 + 0.1 * i, freq))
+    (folder / "broken.wav").write_bytes(b"RIFF not really a wav")
+    rows = [
+        {"audio": f"{i}.wav", "text": t, "question_type": "short" if i else "long"}
+        for i, t in enumerate(texts)
+    ]
+    rows += [{"audio": "broken.wav", "text": "x"}, {"audio": "0.wav"}]
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = root / "asr_out"
+    assert main(["eval", "asr", "--model", str(root / "speech_model"), "--data", str(folder / "test.jsonl"),
+                 "--out", str(out), "--max-new-tokens", "4"]) == 0  # fmt: skip
+    report = json.loads((out / "asr.json").read_text())
+    assert report["examples"] == 3 and report["skipped"] == {"missing_fields": 1, "unreadable_media": 1}
+    preds = [json.loads(x)["prediction"] for x in (out / "asr_predictions.jsonl").read_text().splitlines()]
+    qa = SpeechQA.load(root / "speech_model")
+    clips = [SpeechQA.read(folder / f"{i}.wav") for i in range(3)]
+    assert preds == qa.ask(clips, [qa.transcribe_prompt()] * 3, 4)
+    assert report["per_type"]["overall"]["wer"] == pytest.approx(error_rates(texts, preds)["wer"])
+    assert report["per_type"]["short"]["count"] == 2 and (out / "asr.png").stat().st_size > 1000
