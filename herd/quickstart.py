@@ -175,3 +175,11 @@ def print_summary(report: dict[str, Any], console: Console) -> None:
     console.print(
         f"  herd ask --model {vision['model_dir']} --image <a .png> --question 'How many shapes are there?'"
     )
+    console.print(serve_hint(vision["model_dir"]))
+
+
+def serve_hint(model_dir: str) -> str:
+    """The line every quickstart ends with: serve its own checkpoint to the browser page and the API."""
+    return (
+        f"  herd serve --model {model_dir}   # then open http://127.0.0.1:8000 (page) or use the OpenAI API"
+    )

@@ -29,6 +29,7 @@ from rich.table import Table
 
 from herd.config import load_config
 from herd.paths import config_path
+from herd.quickstart import serve_hint
 
 COLOURS = ("red", "green", "blue", "yellow", "orange", "purple")
 SHAPES = ("circle", "square", "triangle")
@@ -255,3 +256,4 @@ def print_speech_summary(report: dict[str, Any], console: Console) -> None:
         )
     console.print(f"wrote {report['speech']['model_dir']}; try:")
     console.print(f"  herd ask --model {report['speech']['model_dir']} --audio <a .wav>")
+    console.print(serve_hint(report["speech"]["model_dir"]))

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from herd.config import load_config
 from herd.paths import config_path
+from herd.quickstart import serve_hint
 
 TIME_TYPES = ("direction", "order")  # the question types only frame order answers
 
@@ -155,3 +156,4 @@ def print_video_summary(report: dict[str, Any], console: Console) -> None:
         f"  herd ask --model {report['video']['model_dir']} --video <an .mp4> "
         "--question 'Is the red square going left or right?'"
     )
+    console.print(serve_hint(report["video"]["model_dir"]))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from herd.data.curation.language_id import LanguageIdConfig, LanguageIdStage, language_report
 from herd.data.curation.text_pipeline import BaseStage, Verdict, concat_rejects, run_pass, validate
 from herd.data.records import RecordReader, atomic_write_json
 
@@ -112,6 +113,7 @@ class FilterConfig:
     reference: ReferenceDistribution | None = None
     max_kl: float | None = None  # None: KL check off
     min_words: int = 1
+    language: LanguageIdConfig | None = None  # None: no language identification stage
     chunk_size: int = 100_000
     out_format: str = "jsonl"
     write_rejects: bool = True
@@ -152,10 +154,14 @@ class HeuristicFilter(BaseStage):
 
 
 def filter_text(inputs: list[str | Path], out_dir: str | Path, cfg: FilterConfig) -> dict[str, Any]:
-    """Stream inputs through the heuristic filters (resumable per chunk); writes parts + report."""
+    """Stream inputs through language identification (when configured) and the heuristic filters
+    (resumable per chunk); writes parts + report."""
     out = Path(out_dir)
+    stages: list[BaseStage] = [HeuristicFilter(cfg)]
+    if cfg.language is not None:
+        stages.insert(0, LanguageIdStage(cfg.language, cfg.text_field))
     totals = run_pass(
-        RecordReader(inputs), [HeuristicFilter(cfg)], out, out / "_work" / "pass_filter",
+        RecordReader(inputs), stages, out, out / "_work" / "pass_filter",
         text_field=cfg.text_field, chunk_size=cfg.chunk_size, out_format=cfg.out_format,
         write_rejects=cfg.write_rejects, progress=cfg.progress, label="filter",
     )  # fmt: skip
@@ -173,6 +179,11 @@ def filter_text(inputs: list[str | Path], out_dir: str | Path, cfg: FilterConfig
             "max_dirty_words": cfg.max_dirty_words, "max_kl": cfg.max_kl, "min_words": cfg.min_words,
         },
     }  # fmt: skip
+    if cfg.language is not None:
+        lang = cfg.language
+        report["languages"] = language_report(totals["stage_counters"].get("language_id", {}))
+        report["config"]["language"] = {"keep": lang.keep, "min_confidence": lang.min_confidence,
+                                        "candidates": lang.candidates, "low_accuracy": lang.low_accuracy}  # fmt: skip
     if cfg.write_rejects:
         report["rejects"] = concat_rejects(totals["rejects_parts"], out / "rejects.jsonl")
     atomic_write_json(out / "report.json", report)

@@ -4,8 +4,9 @@
     herd train TASK --config PATH          the one training loop; TASK from herd.task.TASKS
     herd generate | chat | guard | ask | serve   inference; guard: the Llama Guard 3 filter; serve: the OpenAI-compatible server
     herd post sample|gatt|average|dpo-reference      post-training data and checkpoints
-    herd data tokenize|dedup-images|dedup-text|filter-text|filter-clip|resample   data preparation
+    herd data tokenize|dedup-images|dedup-text|filter-text|filter-clip|resample|curate-sft   data preparation
     herd convert | plan                    checkpoint layouts; memory/throughput of parallel layouts
+    herd eval lm|robustness|contamination|vqa|video-qa|asr|reward   benchmarks and the paper's analyses
 
 The scheme: a verb for a job that stands alone (`train`, `generate`, `convert`, ...), a group noun for a
 family of preparation steps (`post`, `data`) whose members are `verb` or `verb-object`. One module per
@@ -26,8 +27,9 @@ EPILOG = """commands by family:
   train        quickstart, train TASK
   inference    generate, chat, guard, ask, serve
   post         post sample | gatt | average | dpo-reference
-  data         data tokenize | dedup-images | dedup-text | filter-text | filter-clip | resample
+  data         data tokenize | dedup-images | dedup-text | filter-text | filter-clip | resample | curate-sft
   models       convert, plan
+  evaluate     eval lm | robustness | contamination | vqa | video-qa | asr | reward
 
 Bad input ends with one line on stderr, `herd COMMAND: error: ...`, and exit status 2;
 HERD_DEBUG=1 shows the traceback instead."""
@@ -35,7 +37,7 @@ HERD_DEBUG=1 shows the traceback instead."""
 
 def build_parser() -> argparse.ArgumentParser:
     """The `herd` parser with every command; each leaf sets `func`, `command_parser`, `overrides`."""
-    from herd.commands import data, inference, models, post, train
+    from herd.commands import data, evaluate, inference, models, post, train
 
     parser = HerdParser(
         prog="herd",
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"herd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for family in (train, inference, post, data, models):
+    for family in (train, inference, post, data, models, evaluate):
         family.register(sub)
     return parser
 

@@ -9,6 +9,7 @@
     herd data filter-clip --manifest pairs.jsonl --model ViT-B-32 --pretrained vit.pt --threshold 0.2 --out c
     herd data resample --captions pairs.jsonl --vocab-texts titles.txt --threshold 20000 --out runs/rs
     herd data filter-videos --manifest videos.jsonl --threshold 0.02 --out runs/motion
+    herd data curate-sft --input dialogs.jsonl --out runs/curated --reward-model runs/rm/model  (data_curation.py)
 
 Library functions: `herd.data.training.text_sources.tokenize_corpus`, and in `herd.data.curation`:
 `image_dedup.dedup_images`, `text_dedup.dedup_text` (`sharded_text_dedup.dedup_text_sharded` with --sharded),
@@ -234,13 +235,26 @@ def cmd_filter_text(args: argparse.Namespace) -> int:
     ref = None
     if args.reference_dist:
         ref = ReferenceDistribution.load(args.reference_dist, args.text_field, alpha=args.kl_alpha)
+    language = None
+    if args.languages is not None:
+        from herd.data.curation.language_id import LanguageIdConfig, build_detector
+
+        language = LanguageIdConfig(
+            keep=_codes(args.languages), min_confidence=args.min_language_confidence,
+            candidates=_codes(args.language_candidates) or None, low_accuracy=args.language_low_accuracy,
+        )  # fmt: skip
+        build_detector(language)  # a bad language code stops here, before any work
     cfg = FilterConfig(
         text_field=args.text_field, dup_ngram_thresholds=args.dup_ngram, dirty_words=dirty,
         max_dirty_words=args.max_dirty_words, reference=ref, max_kl=args.max_kl, min_words=args.min_words,
-        chunk_size=args.chunk_size, out_format=args.format, write_rejects=not args.no_rejects,
+        language=language, chunk_size=args.chunk_size, out_format=args.format, write_rejects=not args.no_rejects,
         progress=not args.no_progress,
     )  # fmt: skip
-    return print_summary(filter_text(args.input, args.out, cfg), TEXT_SUMMARY)
+    return print_summary(filter_text(args.input, args.out, cfg), (*TEXT_SUMMARY, "languages"))
+
+
+def _codes(text: str | None) -> list[str]:
+    return [c.strip() for c in (text or "").split(",") if c.strip()]
 
 
 def _add_text_io(p: argparse.ArgumentParser) -> None:
@@ -298,6 +312,18 @@ def _add_text_commands(group: Any) -> None:
     )
     p.add_argument("--kl-alpha", type=float, default=1.0, help="add-α smoothing of the reference")
     p.add_argument("--min-words", type=int, default=1)
+    p.add_argument(
+        "--languages",
+        metavar="CODES",
+        help="language ID stage (Lingua): keep these ISO 639-1 codes, e.g. en,de",
+    )
+    p.add_argument(
+        "--min-language-confidence", type=float, default=0.5, help="below: low_language_confidence"
+    )
+    p.add_argument(
+        "--language-candidates", metavar="CODES", help="languages to choose among (default all 75)"
+    )
+    p.add_argument("--language-low-accuracy", action="store_true", help="Lingua's faster low-accuracy mode")
 
 
 # ------------------------------------------------------------------------------ filter-clip, resample
@@ -424,11 +450,14 @@ def register(sub: Any) -> None:
     group = add_group(
         sub, "data", "tokenize corpora; dedup and filter text and images; resample captions; filter videos"
     )
+    from herd.commands.data_curation import add_curate_sft
+
     for add in (
         _add_tokenize,
         _add_dedup_images,
         _add_text_commands,
         _add_caption_commands,
         _add_filter_videos,
+        add_curate_sft,
     ):
         add(group)

@@ -156,19 +156,15 @@ def cmd_guard(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """`herd.serving.server.serve`: the OpenAI chat-completions API over any herd checkpoint."""
-    import importlib.util
-
+    from herd.guard import select_categories
     from herd.serving.server import ServeOptions, serve
 
-    if args.guard and importlib.util.find_spec("herd.guard") is None:
-        raise UsageError(
-            "--guard needs the herd.guard module (Llama Guard), which this checkout does not have"
-        )
-    for name in ("max_upload_mb", "max_batch", "max_queue", "max_tokens"):
+    for name in ("max_upload_mb", "max_batch", "max_queue", "max_tokens", "guard_every_chars"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, not {getattr(args, name)}")
+    select_categories(args.guard_categories)  # a bad code fails before any model loads
     options = ServeOptions(args.host, args.port, args.max_upload_mb, args.api_key, args.guard, args.max_batch,
-                           args.max_queue, args.max_tokens)  # fmt: skip
+                           args.max_queue, args.max_tokens, args.guard_every_chars, args.guard_categories)  # fmt: skip
     return serve(args.model, options, device=args.device)
 
 
@@ -247,6 +243,11 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--guard", default=None, help="Llama Guard checkpoint for herd.guard (input/output filter)"
     )
+    p.add_argument(
+        "--guard-categories", default=None, help="categories the guard enforces, e.g. S1,S14 (default: all)"
+    )
+    p.add_argument("--guard-every-chars", type=int, default=160,
+                   help="a streamed reply is screened (and released) per this many new characters")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=8, help="requests that share a decode step")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     p.add_argument("--max-tokens", type=int, default=512, help="cap on any request's max_tokens")

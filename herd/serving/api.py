@@ -6,6 +6,7 @@
                                 stream (server-sent events); vLLM's return_token_ids and ignore_eos
     GET  /v1/models             the one served model
     GET  /health                200 while the server runs
+    GET  /                      the page: pick or drop a file, ask, read the streamed answer (herd.serving.page)
 
 Every error is `{"error": {"message", "type", "code"}}` with a 4xx status naming the problem, or a 500
 whose message says nothing of the code; tracebacks go to the server's log only. The request body is read
@@ -20,19 +21,20 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from herd.serving.batcher import Batcher, Event, Job, QueueFull
 from herd.serving.engine import Part, ServedModel, Turn
 from herd.serving.media import AUDIO_FORMATS, IMAGE_TYPES, VIDEO_TYPES, RequestError, b64decode, data_url
+from herd.serving.page import page_config, render_page
 
 log = logging.getLogger("herd.serve")
 
@@ -102,6 +104,18 @@ class ServerConfig:
     max_tokens: int = 512  # the cap on any request's max_tokens
     api_key: str | None = None
     guard: Any = None  # herd.guard.Guard or None
+    guard_every_chars: int = 160  # a streamed reply is screened each time this much new text is pending
+
+
+def guard_refusal(verdict: Any) -> str:
+    from herd.guard import refusal
+
+    return refusal(verdict)
+
+
+def guard_report(verdict: Any, screened: str) -> dict[str, Any]:
+    """The verdict as the API reports it: which side was flagged and the categories (codes, titles)."""
+    return {"flagged": screened, "categories": list(verdict.categories), "titles": list(verdict.titles)}
 
 
 def error(
@@ -208,6 +222,20 @@ def build_app(served: ServedModel, batcher: Batcher, config: ServerConfig) -> Fa
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
         return error(exc.status, exc.message, exc.kind)
 
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> HTMLResponse:
+        described = served.describe()
+        html, headers = render_page(
+            page_config(
+                served.name,
+                described["modalities"],
+                config.max_upload_bytes,
+                config.max_tokens,
+                config.api_key is not None,
+            )  # fmt: skip
+        )
+        return HTMLResponse(html, headers=headers)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", **batcher.stats()}
@@ -239,10 +267,10 @@ def build_app(served: ServedModel, batcher: Batcher, config: ServerConfig) -> Fa
         turns = to_turns(req)
         if config.guard is not None:
             verdict = await run_in_threadpool(config.guard.check_user, guard_view(req.messages))
-            if not verdict.safe:
-                return error(
-                    400, f"the request was flagged unsafe ({', '.join(verdict.categories)})", "content_filter"
-                )
+            if not verdict.safe:  # as Azure OpenAI answers a filtered prompt: 400 `content_filter`
+                body = {"message": guard_refusal(verdict), "type": "content_filter", "code": 400,
+                        "guard": guard_report(verdict, "user")}  # fmt: skip
+                return JSONResponse({"error": body}, status_code=400)
         requested = req.max_completion_tokens or req.max_tokens or config.max_tokens
         from herd.text.generation import SamplingParams
 
@@ -262,7 +290,12 @@ def build_app(served: ServedModel, batcher: Batcher, config: ServerConfig) -> Fa
         rid, model = f"chatcmpl-{uuid.uuid4().hex}", served.name
         if req.stream:
             usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(sse(reply, rid, model, usage), media_type="text/event-stream")
+            screen = None
+            if config.guard is not None:
+                view = guard_view(req.messages)
+                screen = lambda text: run_in_threadpool(config.guard.check_response, view, text)
+            events_out = sse(reply, rid, model, usage, screen, config.guard_every_chars)
+            return StreamingResponse(events_out, media_type="text/event-stream")
         try:
             async for _ in reply.deltas():
                 pass
@@ -270,16 +303,15 @@ def build_app(served: ServedModel, batcher: Batcher, config: ServerConfig) -> Fa
             job.cancelled.set()  # a client that went away frees its row at the next step
         if reply.failed:
             return error(500, reply.failed, "server_error")
-        content, finish = reply.text, reply.finish
+        message: dict[str, Any] = {"role": "assistant", "content": reply.text}
+        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": reply.finish}
         if config.guard is not None:
-            verdict = await run_in_threadpool(config.guard.check_response, guard_view(req.messages), content)
-            if not verdict.safe:
-                content, finish = "", "content_filter"
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": content},
-            "finish_reason": finish,
-        }
+            verdict = await run_in_threadpool(
+                config.guard.check_response, guard_view(req.messages), reply.text
+            )
+            if not verdict.safe:  # OpenAI's shape for a refusal: no content, the refusal text beside it
+                message.update(content=None, refusal=guard_refusal(verdict))
+                choice.update(finish_reason="content_filter", guard=guard_report(verdict, "assistant"))
         body: dict[str, Any] = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
                                 "choices": [choice], "usage": reply.usage()}  # fmt: skip
         if req.return_token_ids:
@@ -335,20 +367,59 @@ class Reply:
         return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
 
-async def sse(reply: Reply, rid: str, model: str, include_usage: bool) -> AsyncIterator[str]:
-    """`data: {chat.completion.chunk}` lines, then `data: [DONE]`."""
+async def screened(
+    reply: Reply, screen: Callable[[str], Awaitable[Any]], every_chars: int
+) -> AsyncIterator[str | Any]:
+    """`reply.deltas()` with nothing released before the guard has cleared it: text is held until
+    `every_chars` are pending (and at the end), then the whole reply so far is screened; cleared text is
+    yielded, and an unsafe verdict is yielded instead of the rest (the row is stopped). A client thus
+    never sees a character the guard has not passed, at the cost of text arriving in chunks."""
+    released, pending = "", ""
+    async for piece in reply.deltas():
+        pending += piece
+        if len(pending) < every_chars:
+            continue
+        verdict = await screen(released + pending)
+        if not verdict.safe:
+            reply.job.cancelled.set()
+            yield verdict
+            return
+        yield pending
+        released, pending = released + pending, ""
+    if pending and not reply.failed:
+        verdict = await screen(released + pending)
+        yield pending if verdict.safe else verdict
+
+
+async def sse(
+    reply: Reply, rid: str, model: str, include_usage: bool,
+    screen: Callable[[str], Awaitable[Any]] | None = None, every_chars: int = 160,
+) -> AsyncIterator[str]:  # fmt: skip
+    """`data: {chat.completion.chunk}` lines, then `data: [DONE]`. With a guard's `screen`, text goes out
+    only once screened (`screened`); an unsafe reply ends with a `refusal` delta and `content_filter`."""
     created = int(time.time())
 
-    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict | None = None) -> str:
+    def chunk(
+        delta: dict[str, Any], finish: str | None = None, usage: dict | None = None, **extra: Any
+    ) -> str:
         body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+                                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **extra}]}  # fmt: skip
         if usage is not None:
             body["choices"], body["usage"] = [], usage
         return f"data: {json.dumps(body)}\n\n"
 
     try:
         yield chunk({"role": "assistant", "content": ""})
-        async for piece in reply.deltas():
+        pieces = reply.deltas() if screen is None else screened(reply, screen, every_chars)
+        async for piece in pieces:
+            if not isinstance(piece, str):  # the guard's unsafe verdict
+                yield chunk(
+                    {"refusal": guard_refusal(piece)},
+                    "content_filter",
+                    guard=guard_report(piece, "assistant"),
+                )
+                yield "data: [DONE]\n\n"
+                return
             yield chunk({"content": piece})
         if reply.failed:  # headers are gone already: the error travels as an event, as vLLM does
             yield f"data: {json.dumps({'error': {'message': reply.failed, 'type': 'server_error', 'code': 500}})}\n\n"

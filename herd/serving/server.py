@@ -4,15 +4,15 @@
     with running(ServedModel.load(dir), ServeOptions(port=0)) as url:  # a server in a thread (tests,
         ...                                                            # benchmarks), on loopback
 
-It binds 127.0.0.1 unless told otherwise. `--guard DIR` needs `herd.guard` (a safety classifier
-written elsewhere: `Guard.load(dir)`, `check_user(messages)`, `check_response(messages, reply)`, each
-returning a verdict with `safe` and `categories`); it is imported only when asked for.
+It binds 127.0.0.1 unless told otherwise. `--guard DIR` loads `herd.guard.Guard` (Llama Guard 3:
+`check_user(messages)`, `check_response(messages, reply)`, each a verdict with `safe` and
+`categories`); it is imported only when asked for. `GET /` serves the
+page (herd/serving/static/index.html, `herd.serving.page`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import socket
 import threading
@@ -36,27 +36,24 @@ class ServeOptions:
     max_batch: int = 8  # rows that share a decode step
     max_queue: int = 64  # waiting requests before 503
     max_tokens: int = 512  # cap on any request's max_tokens
+    guard_every_chars: int = 160  # a streamed reply is screened by the guard per this many new characters
+    guard_categories: str | None = None  # the categories the guard enforces, e.g. "S1,S14" (default: all)
 
 
-def load_guard(path: str) -> Any:
-    """`herd.guard.Guard.load(path)`; a clear error when this checkout has no herd.guard."""
-    try:
-        module = importlib.import_module("herd.guard")
-    except ModuleNotFoundError as e:
-        if e.name not in ("herd.guard", "herd"):
-            raise
-        raise RuntimeError(
-            "--guard needs the herd.guard module (Llama Guard), which this checkout does not have"
-        ) from None
-    return module.Guard.load(path)
+def load_guard(path: str, categories: str | None = None) -> Any:
+    """`herd.guard.Guard.load(path, categories)`."""
+    from herd.guard import Guard
+
+    return Guard.load(path, categories)
 
 
-def make_app(served: ServedModel, options: ServeOptions) -> tuple[Any, Any]:
-    """(FastAPI app, started Batcher)."""
+def make_app(served: ServedModel, options: ServeOptions, guard: Any = None) -> tuple[Any, Any]:
+    """(FastAPI app, started Batcher). `guard`: an already loaded guard (else `options.guard` is loaded)."""
     from herd.serving.api import ServerConfig, build_app
     from herd.serving.batcher import Batcher
 
-    guard = load_guard(options.guard) if options.guard else None
+    if guard is None and options.guard:
+        guard = load_guard(options.guard, options.guard_categories)
     batcher = Batcher(
         served.llm,
         served.stop_ids,
@@ -65,7 +62,13 @@ def make_app(served: ServedModel, options: ServeOptions) -> tuple[Any, Any]:
         served.max_seq_len,
         served.vocab_limit,
     ).start()
-    config = ServerConfig(int(options.max_upload_mb * (1 << 20)), options.max_tokens, options.api_key, guard)
+    config = ServerConfig(
+        int(options.max_upload_mb * (1 << 20)),
+        options.max_tokens,
+        options.api_key,
+        guard,
+        options.guard_every_chars,
+    )
     return build_app(served, batcher, config), batcher
 
 
@@ -95,9 +98,9 @@ def serve(model: str, options: ServeOptions, device: str = "cpu") -> int:
 
 
 @contextlib.contextmanager
-def running(served: ServedModel, options: ServeOptions) -> Iterator[str]:
+def running(served: ServedModel, options: ServeOptions, guard: Any = None) -> Iterator[str]:
     """A server in a background thread on `options.host`; yields its base URL (http://host:port)."""
-    app, batcher = make_app(served, options)
+    app, batcher = make_app(served, options, guard)
     sock = socket.socket(socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((options.host, options.port))

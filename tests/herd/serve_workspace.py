@@ -66,3 +66,26 @@ def wav_bytes(seconds: float = 0.6, freq: float = 440.0) -> bytes:
 
 def data_url(data: bytes, media_type: str) -> str:
     return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def write_video_model(root: Path) -> Path:
+    """`root/video_model`: `root/image_model` plus a tiny video adapter (4 frames per group, gates open)."""
+    from herd.adapters.multimodal_io import load_multimodal_model, save_multimodal_model
+    from herd.adapters.perceiver import get_perceiver_preset
+
+    model, _, config = load_multimodal_model(root / "image_model")
+    torch.manual_seed(3)
+    adapter = model.add_video(
+        get_perceiver_preset("tiny", dim=model.llm.args.dim, frames_per_group=4), every=1
+    )
+    for name, param in adapter.named_parameters():
+        if "gate" in name:  # open gates: the video changes the answer
+            torch.nn.init.constant_(param, 0.5)
+    return save_multimodal_model(model, root / "llm", config["max_tiles"], root / "video_model")
+
+
+def mp4_bytes(tmp: Path, num_frames: int = 6) -> bytes:
+    """A short mp4 of moving squares (H.264, the codec phones and browsers write)."""
+    from herd.data.synthetic.videos import write_video
+
+    return write_video(tmp / f"clip{num_frames}.mp4", num_frames, fps=8, width=64, height=48).read_bytes()

@@ -1,10 +1,17 @@
 """`herd serve` through the official openai client on a live loopback server: the server's greedy answer
-is token for token herd's own generate() (text, image, audio), streamed text concatenates to the
+is token for token herd's own generate() (text, image, video, audio), streamed text concatenates to the
 non-streamed answer, and inputs a model lacks are refused with a 400 naming the encoder."""
 
 import openai
 import pytest
-from serve_workspace import data_url, png_bytes, wav_bytes, write_serve_workspace
+from serve_workspace import (
+    data_url,
+    mp4_bytes,
+    png_bytes,
+    wav_bytes,
+    write_serve_workspace,
+    write_video_model,
+)
 
 from herd.serving.engine import Part, ServedModel, Turn
 from herd.serving.server import ServeOptions, running
@@ -125,6 +132,37 @@ def test_audio_answer_equals_generate_with_audio(root):
         resp = ask(client, content)
         assert resp.choices[0].token_ids == want and len(want) >= 3
         assert streamed(client, content) == resp.choices[0].message.content
+
+
+def test_video_answer_equals_generate_with_images(root, tmp_path):
+    from herd.adapters.multimodal import generate_with_images
+    from herd.serving.media import decode_video
+    from herd.vision.video import collate_videos, video_tiles
+
+    served = ServedModel.load(write_video_model(root))
+    assert served.describe()["modalities"] == ["image", "video"] and served.num_frames == 4
+    mp4 = mp4_bytes(tmp_path)
+
+    def run(prompt, params, stop):
+        inputs = collate_videos([video_tiles(decode_video(mp4, served.num_frames, "v"), served.transform)], 4)
+        return generate_with_images(served.model, [prompt], params=params, stop_ids=stop, **inputs)[0]
+
+    question = "Is the red square going left or right?"
+    parts = [Part("video", "v", data=mp4), Part("text", "q", text=question)]
+    prompt, want = reference(served, [Turn("user", parts)], run)
+    assert served.llm.args.vocab_size + 1 in prompt  # the <|video|> token
+    content = [{"type": "video_url", "video_url": {"url": data_url(mp4, "video/mp4")}},
+               {"type": "text", "text": question}]  # fmt: skip
+    with running(served, ServeOptions(port=0)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        resp = ask(client, content)
+        assert resp.choices[0].token_ids == want and len(want) >= 3
+        assert streamed(client, content) == resp.choices[0].message.content
+    # the video path is live: other frames, other next-token logits
+    other = mp4_bytes(tmp_path, num_frames=12)
+    logits = [served.job([Turn("user", [Part("video", "v", data=clip), parts[1]])], SamplingParams(4))
+              .prefill(len(prompt) + 4)[1] for clip in (mp4, other)]  # fmt: skip
+    assert (logits[0] - logits[1]).abs().max() > 1e-4
 
 
 def test_inputs_the_model_lacks_are_400(text_server):

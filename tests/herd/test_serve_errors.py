@@ -219,3 +219,77 @@ def test_a_guard_screens_requests_with_text_and_image_parts(root):
             assert r.status_code == 400, r.text
             body = r.json()
             assert body["error"]["type"] == "content_filter" and "Traceback" not in r.text
+
+
+class LengthGuard:
+    """A rule standing in for the guard model, so that the server's screening of streamed replies can be
+    checked exactly (tests/herd/test_guard.py serves a trained Llama Guard end to end): a reply of
+    `limit` characters or more is unsafe (S9); every text the server screens is recorded."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.screened = limit, []
+
+    def check_user(self, messages):
+        from herd.guard import GuardVerdict
+
+        return GuardVerdict(True)
+
+    def check_response(self, messages, reply):
+        from herd.guard import GuardVerdict
+
+        self.screened.append(reply)
+        return GuardVerdict(True) if len(reply) < self.limit else GuardVerdict(False, ["S9"])
+
+
+def test_streamed_replies_are_released_only_once_the_guard_cleared_them(root):
+    import openai
+
+    from herd.guard import GuardVerdict, refusal
+
+    served = ServedModel.load(root / "llm")
+    question = [{"role": "user", "content": "Count: one two three"}]
+    with running(served, ServeOptions(port=0, max_tokens=12)) as url:
+        full = httpx.post(f"{url}/v1/chat/completions", json={"messages": question, "max_tokens": 12,
+                          "temperature": 0}, timeout=60).json()["choices"][0]["message"]["content"]  # fmt: skip
+    assert len(full) >= 12, full
+
+    def stream(guard):
+        with running(served, ServeOptions(port=0, max_tokens=12, guard_every_chars=3), guard) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+            chunks = list(client.chat.completions.create(model=served.name, messages=question, max_tokens=12,
+                                                         temperature=0, stream=True))  # fmt: skip
+            whole = client.chat.completions.create(
+                model=served.name, messages=question, max_tokens=12, temperature=0
+            )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return text, chunks[-1].choices[0], whole.choices[0]
+
+    # a guard that clears everything: the same reply, screened as it grew and once whole at the end
+    guard = LengthGuard(10_000)
+    text, last, whole = stream(guard)
+    assert text == full and last.finish_reason in ("stop", "length") and whole.message.content == full
+    streamed_checks = guard.screened[:-1]  # the last one screened the non-streamed reply
+    assert streamed_checks[-1] == full and all(full.startswith(s) for s in streamed_checks)
+    assert len(streamed_checks) >= 3  # screened in pieces of >= 3 characters, not only at the end
+
+    # a guard that flags the reply half way: only cleared text reached the client, then the refusal
+    limit = len(full) // 2
+    guard = LengthGuard(limit)
+    text, last, whole = stream(guard)
+    assert full.startswith(text) and len(text) < limit, (text, full)
+    flagged = next(s for s in guard.screened if len(s) >= limit)
+    assert flagged.startswith(text) and len(flagged) - len(text) >= 3  # the held piece that failed
+    assert last.finish_reason == "content_filter"
+    assert (
+        last.delta.refusal
+        == refusal(GuardVerdict(False, ["S9"]))
+        == ("I can't help with that: the safety filter flagged it as S9 Indiscriminate Weapons.")
+    )
+    assert last.model_extra["guard"] == {
+        "flagged": "assistant",
+        "categories": ["S9"],
+        "titles": ["Indiscriminate Weapons"],
+    }
+    # not streamed: OpenAI's refusal shape
+    assert whole.message.content is None and whole.message.refusal == last.delta.refusal
+    assert whole.finish_reason == "content_filter" and whole.model_extra["guard"]["categories"] == ["S9"]
