@@ -55,3 +55,34 @@ class KVCache:
         out.k[:, :, :length] = self.k[:, :, :length].repeat_interleave(repeats, dim=1)
         out.v[:, :, :length] = self.v[:, :, :length].repeat_interleave(repeats, dim=1)
         return out
+
+
+class StaticKVCache(KVCache):
+    """The same buffers, read whole: `update` writes at positions given as a tensor and returns all S_max
+    positions, so every decode step has the same shapes (what a compiled step, and a CUDA graph, need).
+
+    Positions not written yet hold zeros; the model masks them out (`Llama.attention_context` builds a
+    (1, 1, T, S_max) mask from the positions when it sees `static`). `start_pos` may be an int or a long
+    tensor (0-dim or (1,)): a tensor keeps the step free of Python ints that a compiled graph would
+    specialise on (gpt-fast's `input_pos`)."""
+
+    static = True
+
+    def update(
+        self, layer: int, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, T, K, hd) at start_pos..start_pos+T-1; return all keys/values (B, S_max, K, hd)."""
+        # an int position (eager callers) is checked as the dynamic cache does; a tensor one is not
+        if isinstance(start_pos, int) and start_pos + k.shape[1] > self.max_seq_len:
+            raise ValueError(f"KV cache overflow: position {start_pos + k.shape[1]} > {self.max_seq_len}")
+        if self.batch_size != k.shape[0]:
+            raise ValueError(f"batch of {k.shape[0]} rows does not match the cache's {self.batch_size}")
+        pos = start_pos + torch.arange(k.shape[1], device=k.device)  # (T,)
+        self.k[layer].index_copy_(1, pos, k.to(self.k.dtype))
+        self.v[layer].index_copy_(1, pos, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
+
+    def expand_rows(self, repeats: int, length: int) -> StaticKVCache:
+        out = type(self).__new__(type(self))  # a static multimodal cache stays one
+        out.__dict__.update(super().expand_rows(repeats, length).__dict__)
+        return out

@@ -40,7 +40,7 @@ def test_every_command_is_registered_once_under_one_scheme():
         "post sample", "post gatt", "post average", "post dpo-reference",
         "data tokenize", "data dedup-images", "data dedup-text", "data filter-text", "data filter-clip",
         "data resample", "data filter-videos", "data curate-sft",
-        "convert", "plan",
+        "convert", "plan", "quantize fp8",
         "eval lm", "eval robustness", "eval contamination", "eval vqa", "eval video-qa", "eval asr", "eval reward",
     ]  # fmt: skip
     train = build_parser().parse_args(["train", "ppo", "--config", "x.toml"])
