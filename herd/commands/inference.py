@@ -33,13 +33,30 @@ def _sampling(args: argparse.Namespace) -> Any:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """`herd.text.generation.generate_text` on a checkpoint `load_pretrained` reads; one line per prompt."""
+    prompts = args.prompt or [sys.stdin.read()]
+    if args.pp > 1:
+        return _generate_pipelined(args, prompts)
     from herd.fast_decode import load_for_decoding
     from herd.text.generation import generate_text
 
     model, tokenizer, steps = load_for_decoding(args.model, args.device, args.dtype, args.compile, args.fp8)
-    prompts = args.prompt or [sys.stdin.read()]
     completions = generate_text(model, tokenizer, prompts, _sampling(args), steps=steps)
     for prompt, completion in zip(prompts, completions):
+        print(prompt + completion)
+    return 0
+
+
+def _generate_pipelined(args: argparse.Namespace, prompts: list[str]) -> int:
+    """`herd.pipelined_generate.generate_text_pipelined` (under torchrun); rank 0 prints."""
+    from herd.pipelined_generate import generate_text_pipelined
+
+    if args.compile or args.fp8:
+        raise UsageError("--pp runs the eager decode step: drop --compile / --fp8")
+    if args.microbatches < 1:
+        raise UsageError(f"--microbatches must be ≥ 1, not {args.microbatches}")
+    completions = generate_text_pipelined(args.model, prompts, _sampling(args), args.pp, args.microbatches,
+                                          args.device, args.dtype)  # fmt: skip
+    for prompt, completion in zip(prompts, completions or []):
         print(prompt + completion)
     return 0
 
@@ -189,6 +206,8 @@ def register(sub: Any) -> None:
     p = add_command(sub, "generate", cmd_generate, help="plain completion from a checkpoint")
     _add_model_options(p)
     p.add_argument("--prompt", action="append", help="repeatable; prompts are batched (default: stdin)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (under torchrun, one rank each)")
+    p.add_argument("--microbatches", type=int, default=1, help="with --pp: micro-batches in flight")
 
     p = add_command(
         sub, "chat", cmd_chat, help="chat with an instruction-tuned checkpoint (Llama 3.1 chat format)"

@@ -84,3 +84,36 @@ def test_pp4_generation_equals_one_process():
     results = spawn_ranks(_run, 4, [1, 2, 4], timeout_s=120)
     _check(results)
     assert [r["layers"] for r in results] == [[0], [1], [2], [3]]
+
+
+def _cli(model_dir: str) -> str:
+    import contextlib
+    import io
+
+    from herd.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["generate", "--model", model_dir, "--prompt", "one two", "--prompt", "three four five six",
+                     "--prompt", "seven", "--max-new-tokens", "5", "--pp", "2", "--microbatches", "2"]) == 0  # fmt: skip
+    return out.getvalue()
+
+
+def test_generate_cli_with_pp_prints_what_one_process_prints(tmp_path, capsys):
+    from herd.cli import main
+    from herd.text.loading import save_text_model
+    from herd.text.tokenizer import Tokenizer
+    from herd.text.vocab_subset import SubsetTokenizer
+
+    tok = SubsetTokenizer.from_texts(Tokenizer(), ["one two three four five six seven eight nine ten"])
+    args = get_preset("tiny", dim=64, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=16,
+                      vocab_size=-(-tok.vocab_size // 64) * 64, max_seq_len=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = build_llama(args)
+    save_text_model(model.state_dict(), args, tok, tmp_path / "m", "meta")
+    printed = spawn_ranks(_cli, 2, str(tmp_path / "m"), timeout_s=120)
+    assert printed[1] == ""  # only rank 0 prints
+    main(["generate", "--model", str(tmp_path / "m"), "--prompt", "one two", "--prompt", "three four five six",
+          "--prompt", "seven", "--max-new-tokens", "5"])  # fmt: skip
+    single = capsys.readouterr().out
+    assert printed[0] == single and len(single.splitlines()) == 3
