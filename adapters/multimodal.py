@@ -59,6 +59,9 @@ class MultimodalKVCache(KVCache):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._init_media()
+
+    def _init_media(self) -> None:
         self.image_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.token_mask: torch.Tensor | None = None  # bool (B, S_max, N)
         self.video_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -89,6 +92,10 @@ class MultimodalKVCache(KVCache):
 
 class StaticMultimodalKVCache(StaticKVCache, MultimodalKVCache):
     """`MultimodalKVCache` whose self-attention K/V are read whole (`StaticKVCache`): the compiled step."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        StaticKVCache.__init__(self, *args, **kwargs)  # per-layer buffers, not the (L, ...) ones
+        self._init_media()
 
 
 def rows_at(buf: torch.Tensor, start_pos: int | torch.Tensor, length: int) -> torch.Tensor:

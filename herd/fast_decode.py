@@ -61,8 +61,8 @@ class CompiledSteps:
             return self._caches[key]
         cache = model.new_kv_cache(rows, capacity, static=True)
         if self.cuda:  # CUDA graphs may then keep the cache's addresses instead of copying it per step
-            torch._dynamo.mark_static_address(cache.k)
-            torch._dynamo.mark_static_address(cache.v)
+            for buf in (*cache.k_layers, *cache.v_layers):
+                torch._dynamo.mark_static_address(buf)
         if type(model) is Llama:
             self._caches[key] = cache
         return cache
