@@ -17,7 +17,7 @@ Stages come from the model's plan (`ParallelPlan.pipeline`: unit sizes and `buil
 start_pos)`, `head`, `new_kv_cache`), so no model class is named here. Each stage's cache covers the
 model's layer count (a layer's index is global); only its own layers' slices are written.
 
-Messages: a header (5 int64: micro-batch id, kind, start_pos, rows, length, + capacity) then the payload;
+Messages: a header (6 int64: micro-batch id, kind, start_pos, rows, length, cache capacity), then the payload;
 rank 0's threads share the link to rank 1 under a lock, the logits return with the micro-batch's tag.
 """
 
@@ -63,6 +63,7 @@ class PipelinedModel(nn.Module):
         self.args = stage.args
         self.group = group
         self.pp = dist.get_world_size(group)
+        self.device = next(stage.parameters()).device  # NCCL sends CUDA tensors only: headers too
         self._send_lock = threading.Lock()
         self._ids = iter(range(1 << 30))
         self._id_lock = threading.Lock()
@@ -74,7 +75,7 @@ class PipelinedModel(nn.Module):
 
     def _send(self, header: list[int], payload: torch.Tensor | None) -> None:
         with self._send_lock:  # header and payload of one message stay adjacent on the link
-            dist.send(torch.tensor(header, dtype=torch.long), 1, group=self.group)
+            dist.send(torch.tensor(header, dtype=torch.long, device=self.device), 1, group=self.group)
             if payload is not None:
                 dist.send(payload.contiguous(), 1, group=self.group)
 
@@ -83,7 +84,7 @@ class PipelinedModel(nn.Module):
         B, T = tokens.shape
         h = self.stage.forward_hidden(tokens, kv_cache=kv_cache.local, start_pos=start_pos)  # (B, T, D)
         self._send([kv_cache.mb, FORWARD, start_pos, B, T, kv_cache.local.max_seq_len], h)
-        logits = torch.empty(B, self.args.vocab_size, dtype=h.dtype)
+        logits = torch.empty(B, self.args.vocab_size, dtype=h.dtype, device=h.device)
         dist.recv(logits, self.pp - 1, group=self.group, tag=1 + kv_cache.mb)
         return logits[:, None]
 
@@ -99,8 +100,9 @@ def serve_stage(stage: nn.Module, group: dist.ProcessGroup | None = None) -> Non
     rank, pp = dist.get_rank(group), dist.get_world_size(group)
     last = rank == pp - 1
     caches: dict[int, Any] = {}
-    dtype = next(stage.parameters()).dtype
-    header = torch.empty(HEADER, dtype=torch.long)
+    ref = next(stage.parameters())
+    dtype, device = ref.dtype, ref.device
+    header = torch.empty(HEADER, dtype=torch.long, device=device)
     with torch.inference_mode():
         while True:
             dist.recv(header, rank - 1, group=group)
@@ -108,7 +110,7 @@ def serve_stage(stage: nn.Module, group: dist.ProcessGroup | None = None) -> Non
             if not last:
                 send_header = header.clone()
             if kind == FORWARD:
-                h = torch.empty(B, T, stage.args.dim, dtype=dtype)
+                h = torch.empty(B, T, stage.args.dim, dtype=dtype, device=device)
                 dist.recv(h, rank - 1, group=group)
                 if start_pos == 0:
                     caches[mb] = stage.new_kv_cache(B, capacity)
