@@ -1,6 +1,6 @@
 """FP8 applied to models and checkpoints (herd.quantize): the emulation swaps exactly the paper's layers,
-`herd quantize fp8` writes a copy that decodes as the in-memory FP8 model does, `--fp8`/`--compile` reach
-the decode loop; on an H100/H200 torchao's FP8 layers match the emulation within a stated tolerance."""
+`herd quantize fp8` writes a copy that decodes as the in-memory FP8 model does, `herd generate --fp8`
+reaches the decode loop; on an H100/H200 torchao's FP8 layers match the emulation within a stated tolerance."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_quantized_copy_decodes_as_the_in_memory_fp8_model(tmp_path):
     assert main(["quantize", "fp8", str(tmp_path / "src"), str(tmp_path / "dst")]) == 2
 
 
-def test_generate_cli_takes_fp8_and_compile(tmp_path, capsys):
+def test_generate_cli_takes_fp8(tmp_path, capsys):
     from herd.text.loading import save_text_model
     from herd.text.tokenizer import Tokenizer
     from herd.text.vocab_subset import SubsetTokenizer
