@@ -45,7 +45,6 @@ def test_compiled_steps_equal_eager_and_reuse_the_cache():
     assert pooled is steps.new_cache(model, 3, 14) and pooled.max_seq_len == 16
 
 
-@pytest.mark.slow  # ~25 s of dynamo tracing on an idle core (the vision encoder runs eagerly)
 def test_compiled_steps_with_images_equal_eager():
     pytest.importorskip("timm")
     from herd.adapters import MultimodalLlama, generate_with_images

@@ -80,7 +80,6 @@ def test_pp2_generation_equals_one_process():
     assert [r["layers"] for r in results] == [[0, 1], [2, 3]]
 
 
-@pytest.mark.slow
 def test_pp4_generation_equals_one_process():
     results = spawn_ranks(_run, 4, [1, 2, 4], timeout_s=120)
     _check(results)
@@ -100,7 +99,6 @@ def _cli(model_dir: str) -> str:
     return out.getvalue()
 
 
-@pytest.mark.slow
 def test_generate_cli_with_pp_prints_what_one_process_prints(tmp_path, capsys):
     from herd.cli import main
     from herd.text.loading import save_text_model
