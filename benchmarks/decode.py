@@ -145,6 +145,7 @@ def main() -> None:
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="default: the device's spec / measured")
     p.add_argument("--engines", default="herd_eager,herd_compiled,hf_compiled")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--fp8", action="store_true", help="herd engines with row-wise FP8 FFNs (herd.quantize)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -156,9 +157,17 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_llama(args, device=device, dtype=dtype).eval()
     bandwidth, source = bandwidth_gbs(device, a.bandwidth_gbs)
+    herd_model = model
+    if a.fp8:  # transformers keeps the bf16 weights (its export reads the unquantized state dict)
+        import copy
+
+        from herd.quantize import apply_fp8
+
+        herd_model = copy.deepcopy(model)
+        apply_fp8(herd_model)
     engines = {
-        "herd_eager": lambda: herd_engine(model, EAGER_STEPS),
-        "herd_compiled": lambda: herd_engine(model, compiled_steps(model)),
+        "herd_eager": lambda: herd_engine(herd_model, EAGER_STEPS),
+        "herd_compiled": lambda: herd_engine(herd_model, compiled_steps(herd_model)),
         "hf_compiled": lambda: hf_engine(model, args, dtype, device, compile=True),
         "hf_eager": lambda: hf_engine(model, args, dtype, device, compile=False),
     }
@@ -177,7 +186,7 @@ def main() -> None:
                             "decode_step_ms": round(step * 1e3, 3), "bound_step_ms": round(bound * 1e3, 3),
                             "bound_fraction": round(bound / step, 3)})  # fmt: skip
             print(json.dumps(results[-1]), flush=True, file=__import__("sys").stderr)
-    print(json.dumps({"preset": a.preset, "overrides": overrides, "dtype": a.dtype, "device": str(device),
+    print(json.dumps({"preset": a.preset, "overrides": overrides, "dtype": a.dtype, "fp8": a.fp8, "device": str(device),
                       "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                       "threads": torch.get_num_threads(), "params": args.num_params(),
                       "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "bandwidth_gbs": round(bandwidth, 1),
