@@ -95,3 +95,36 @@ def test_static_cache_with_images_equals_eager():
     assert static == eager
     text_only = generate(model, ps, params)  # no images bound: the image layers are skipped
     assert [c.tokens for c in eager] != [c.tokens for c in text_only]  # the images did matter
+
+
+def test_static_cache_with_a_video_equals_eager():
+    from herd.adapters import MultimodalLlama, generate_with_images
+    from herd.adapters.perceiver import get_perceiver_preset
+
+    args = get_preset("tiny", vocab_size=128, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=16,
+                      max_seq_len=64)  # fmt: skip
+    torch.manual_seed(0)
+    video = get_perceiver_preset("tiny", frames_per_group=2, max_groups=2)
+    model = MultimodalLlama(
+        build_llama(args), None, cross_attention_every=2, vision_dim=32, video=video
+    ).eval()
+    with torch.no_grad():
+        for block in model.video.cross_attention.values():  # open the video gates
+            block.gate_attn.fill_(3.0)
+            block.gate_ffwd.fill_(3.0)
+        for name, lin in model.video.cross_attention.named_modules():  # a fresh block barely moves logits
+            if name.endswith((".wo", ".w2")):
+                lin.weight.mul_(30.0)
+    g = torch.Generator().manual_seed(2)
+    ps = [[1, 5, 9, 13, 17], [2, 7, 8, 4, 10, 11, 12]]
+    rows = torch.zeros(2, 7, dtype=torch.long)  # (B, T): tokens that see the video
+    rows[0] = 1
+    rows[1, 3:] = 1  # row 1 sees it from token 3 on
+    videos = {"video_features": torch.randn(2, 4, 1, 3, 32, generator=g),  # (B, F, K, N, Dv)
+              "video_frame_mask": torch.tensor([[True] * 4, [True, True, True, False]]),
+              "video_cross_attention_mask": rows}  # fmt: skip
+    params = SamplingParams(max_new_tokens=6)
+    eager = generate_with_images(model, ps, params=params, **videos)
+    static = generate_with_images(model, ps, params=params, steps=STATIC_STEPS, **videos)
+    assert static == eager
+    assert [c.tokens for c in eager] != [c.tokens for c in generate(model, ps, params)]  # the video mattered
