@@ -96,7 +96,8 @@ class StaticKVCache(KVCache):
     def update(
         self, layer: int, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v (B, T, K, hd) at start_pos..start_pos+T-1; return all keys/values (B, S_max, K, hd)."""
+        """Write k/v (B, T, K, hd) at start_pos..start_pos+T-1; return all keys/values (B, S_max, K, hd),
+        or (the prefill, start_pos the int 0) the written ones (B, T, K, hd)."""
         # an int position (eager callers) is checked as the dynamic cache does; a tensor one is not
         if isinstance(start_pos, int) and start_pos + k.shape[1] > self.max_seq_len:
             raise ValueError(f"KV cache overflow: position {start_pos + k.shape[1]} > {self.max_seq_len}")
@@ -106,6 +107,8 @@ class StaticKVCache(KVCache):
         k_all, v_all = self.k_layers[layer], self.v_layers[layer]
         k_all.index_copy_(1, pos, k.to(k_all.dtype))
         v_all.index_copy_(1, pos, v.to(v_all.dtype))
+        if isinstance(start_pos, int) and start_pos == 0:
+            return k, v  # a prefill from 0 sees only its own keys: plain causal attention over T, not S_max
         return k_all, v_all
 
     def expand_rows(self, repeats: int, length: int) -> KVCache:

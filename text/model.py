@@ -329,6 +329,8 @@ class Llama(nn.Module):
         position; the positions are not range-checked here (the decode loop sizes the cache)."""
         if document_ids is not None or positions is not None or self.kv_gather is not None:
             raise ValueError("a static KV cache decodes one plain sequence per row (no documents, no CP)")
+        if isinstance(start_pos, int) and start_pos == 0:  # prefill: the cache returns only these keys
+            return AttentionContext(self.rope(0, length), None, 0)
         device = self.rope_cos.device
         q_pos = start_pos + torch.arange(length, device=device)  # (T,)
         k_pos = torch.arange(max_seq_len, device=device)  # (S_max,)
