@@ -38,8 +38,8 @@ from torch import nn
 from herd.adapters.cross_attention import CrossAttentionBlock, CrossAttentionMask, build_cross_attention_mask
 from herd.adapters.perceiver import PerceiverArgs
 from herd.adapters.video import VIDEO_INPUTS, VideoAdapter, video_schedule, write_rows
-from herd.text.generation import Completion, SamplingParams, generate
-from herd.text.kv_cache import KVCache
+from herd.text.generation import EAGER_STEPS, Completion, DecodeSteps, SamplingParams, generate
+from herd.text.kv_cache import KVCache, StaticKVCache
 from herd.text.model import Llama
 
 if TYPE_CHECKING:
@@ -59,6 +59,9 @@ class MultimodalKVCache(KVCache):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._init_media()
+
+    def _init_media(self) -> None:
         self.image_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.token_mask: torch.Tensor | None = None  # bool (B, S_max, N)
         self.video_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -85,6 +88,22 @@ class MultimodalKVCache(KVCache):
             value = getattr(self, name)
             setattr(out, name, None if value is None else value.repeat_interleave(repeats, 0))
         return out
+
+
+class StaticMultimodalKVCache(StaticKVCache, MultimodalKVCache):
+    """`MultimodalKVCache` whose self-attention K/V are read whole (`StaticKVCache`): the compiled step."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        StaticKVCache.__init__(self, *args, **kwargs)  # per-layer buffers, not the (L, ...) ones
+        self._init_media()
+
+
+def rows_at(buf: torch.Tensor, start_pos: int | torch.Tensor, length: int) -> torch.Tensor:
+    """Rows start_pos..start_pos+length-1 of a per-position buffer (B, S_max, N); a tensor start_pos
+    (a static cache's step) gathers them instead of slicing, so no Python int depends on it."""
+    if isinstance(start_pos, int):
+        return buf[:, start_pos : start_pos + length]
+    return buf.index_select(1, start_pos.reshape(-1)[:1] + torch.arange(length, device=buf.device))
 
 
 @dataclass
@@ -298,7 +317,7 @@ class MultimodalLlama(nn.Module):
             if cache is not None:
                 cache.store_mask(start_pos, token_mask)
         elif cache is not None and cache.token_mask is not None:
-            token_mask = cache.token_mask[:, start_pos : start_pos + length]
+            token_mask = rows_at(cache.token_mask, start_pos, length)
         return _Images(kv, build_cross_attention_mask(token_mask))
 
     def forward(
@@ -337,7 +356,7 @@ class MultimodalLlama(nn.Module):
             "video_cross_attention_mask": video_cross_attention_mask,
         }
         vid = self._video_context(T, start_pos, kv_cache, videos)
-        ctx = self.llm.attention_context(T, start_pos, document_ids, None, h.device)
+        ctx = self.llm.attention_context(T, start_pos, document_ids, None, h.device, kv_cache)
         for key, layer in [*self.llm.layers.items(), (str(self.args.n_layers), None)]:
             if vid is not None and key in self.video.cross_attention:  # type: ignore[union-attr]
                 h = self.video.cross_attention[key](h, vid.kv[key], vid.mask)  # type: ignore[union-attr]
@@ -374,9 +393,14 @@ class MultimodalLlama(nn.Module):
         self._bound = None
 
     def new_kv_cache(
-        self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None
+        self,
+        batch_size: int,
+        max_seq_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        static: bool = False,  # a `StaticMultimodalKVCache` for a compiled decode step
     ) -> MultimodalKVCache:
-        cache = self.llm.new_kv_cache(batch_size, max_seq_len, dtype, cache_cls=MultimodalKVCache)
+        cls = StaticMultimodalKVCache if static else MultimodalKVCache
+        cache = self.llm.new_kv_cache(batch_size, max_seq_len, dtype, cache_cls=cls)
         if self._bound is not None:
             images = dict(self._bound)
             mask = images.pop("cross_attention_mask")
@@ -447,6 +471,7 @@ def generate_with_images(
     stop_ids: Sequence[int] | frozenset[int] = (),
     pad_id: int = 0,
     image_features: torch.Tensor | None = None,
+    steps: DecodeSteps = EAGER_STEPS,  # static-cache / compiled decoding (herd.fast_decode)
     **videos: torch.Tensor | None,  # the `video_*` inputs of `MultimodalLlama.forward`
 ) -> list[Completion]:
     """`herd.text.generate` with images and/or a video: every generated token sees what its prompt's
@@ -466,13 +491,14 @@ def generate_with_images(
         pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask, image_features, **videos
     )
     try:
-        return generate(model, prompts, params, stop_ids, pad_id)
+        return generate(model, prompts, params, stop_ids, pad_id, steps=steps)
     finally:
         model.clear_images()
 
 
 __all__ = [
     "MultimodalKVCache",
+    "StaticMultimodalKVCache",
     "MultimodalLlama",
     "cross_attention_mask_from_tokens",
     "fusion_schedule",

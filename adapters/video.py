@@ -153,6 +153,9 @@ class VideoAdapter(nn.Module):
                 )
             return mask
         if cache is not None and cache.video_token_mask is not None:
+            if not isinstance(start_pos, int):  # a static cache's step: gather, no Python int
+                index = start_pos.reshape(-1)[:1] + torch.arange(length, device=start_pos.device)
+                return cache.video_token_mask.index_select(1, index)
             return cache.video_token_mask[:, start_pos : start_pos + length]
         return self.token_mask(groups, length)
 

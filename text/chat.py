@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from herd.text.chat_format import ChatFormat, Message
-from herd.text.generation import SamplingParams, generate
+from herd.text.generation import EAGER_STEPS, DecodeSteps, SamplingParams, generate
 
 
 class ChatSession:
@@ -19,7 +19,9 @@ class ChatSession:
         tokenizer: Any,
         system: str | None = None,
         params: SamplingParams | None = None,
+        steps: DecodeSteps = EAGER_STEPS,  # compiled / static-cache decoding (herd.fast_decode)
     ) -> None:
+        self.steps = steps
         self.model = model
         self.tokenizer = tokenizer
         self.format = ChatFormat(tokenizer)
@@ -49,7 +51,9 @@ class ChatSession:
             self.params.seed,
         )
         pad = max(self.tokenizer.pad_id, 0)
-        completion = generate(self.model, [prompt], params, stop_ids=self.tokenizer.stop_ids, pad_id=pad)[0]
+        completion = generate(
+            self.model, [prompt], params, stop_ids=self.tokenizer.stop_ids, pad_id=pad, steps=self.steps
+        )[0]
         tokens = completion.tokens + ([completion.stop_token] if completion.stop_token is not None else [])
         message = self.format.decode_assistant_message(tokens)
         self.messages.append(message)

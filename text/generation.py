@@ -12,7 +12,10 @@ Attention's sampler (`generate` with a vocabulary limit). What differs between t
 - a `StopRule`: stop ids, the per-row length limit (prompt + max_new_tokens), and `lock_step` (never
   leave the loop early, so that every data-parallel rank makes the same forward passes);
 - where the loop starts: `start` (PPO passes the shortest prompt over all ranks) and an already
-  filled cache with its last logits (`prefill_shared`: K copies of a prompt prefilled once).
+  filled cache with its last logits (`prefill_shared`: K copies of a prompt prefilled once);
+- how the model runs (`DecodeSteps`): eager with the growing `KVCache` (the default), or with a
+  `StaticKVCache` read whole and the position as a tensor (`STATIC_STEPS`), so every decode step has
+  the same shapes — what `herd.fast_decode.compiled_steps` compiles (CUDA graphs on a GPU).
 
 Prompt scheme (Meta's reference): prompts are left-aligned in one (B, total) buffer, so all rows share
 positions; decoding starts after the shortest prompt, and a row still inside its prompt takes its
@@ -112,9 +115,37 @@ def prefill(model: nn.Module, tokens: torch.Tensor, cache: Any, start_pos: int =
     return model(tokens, kv_cache=cache, start_pos=start_pos)[:, -1]  # (B, V)
 
 
-def decode_one_token(model: nn.Module, token: torch.Tensor, cache: Any, pos: int) -> torch.Tensor:
-    """The token (B, 1) at position `pos` into `cache`; the logits of the next position (B, V)."""
+def decode_one_token(
+    model: nn.Module, token: torch.Tensor, cache: Any, pos: int | torch.Tensor
+) -> torch.Tensor:
+    """The token (B, 1) at position `pos` into `cache`; the logits of the next position (B, V).
+    `pos` is a 0-dim long tensor with a static cache (`DecodeSteps.static_cache`)."""
     return model(token, kv_cache=cache, start_pos=pos)[:, -1]
+
+
+@dataclass(frozen=True)
+class DecodeSteps:
+    """How `decode` runs the model: the cache it makes and the two steps (same signatures as `prefill`
+    and `decode_one_token`). With `static_cache` the loop asks `model.new_kv_cache(..., static=True)` and
+    passes decode positions as 0-dim long tensors; the tokens are the eager path's (same math, keys past
+    a position masked instead of sliced off)."""
+
+    static_cache: bool = False
+    prefill: Callable[[nn.Module, torch.Tensor, Any], torch.Tensor] = prefill
+    decode_one_token: Callable[[nn.Module, torch.Tensor, Any, Any], torch.Tensor] = decode_one_token
+    # (model, rows, length) → an empty cache for `length` positions; None → model.new_kv_cache
+    new_cache: Callable[[nn.Module, int, int], Any] | None = None
+
+    def make_cache(self, model: nn.Module, rows: int, length: int) -> Any:
+        if self.new_cache is not None:
+            return self.new_cache(model, rows, length)
+        if self.static_cache:
+            return model.new_kv_cache(rows, length, static=True)
+        return model.new_kv_cache(rows, length)
+
+
+EAGER_STEPS = DecodeSteps()
+STATIC_STEPS = DecodeSteps(static_cache=True)
 
 
 def prefill_shared(
@@ -139,13 +170,15 @@ def decode(
     pad_id: int,
     start: int | None = None,
     prefilled: tuple[Any, torch.Tensor] | None = None,
+    steps: DecodeSteps = EAGER_STEPS,
 ) -> torch.Tensor:
     """Fill positions start..total-1 of `tokens` and return it.
 
     `start` defaults to the shortest prompt; it may be smaller (PPO agrees it over ranks), never larger.
     `prefilled` = (cache, logits (B, V)) already holding positions 0..start-1 (`prefill_shared`);
     otherwise the loop makes a cache with `model.new_kv_cache(B, total)` and prefills it. `model` is
-    anything `prefill` / `decode_one_token` can call. The caller picks no_grad / inference_mode."""
+    anything `prefill` / `decode_one_token` can call; `steps` how (`DecodeSteps`). The caller picks
+    no_grad / inference_mode."""
     B, total = tokens.shape
     device = tokens.device
     lens = prompt_lens.to(device)
@@ -156,17 +189,22 @@ def decode(
     if start >= total:
         return tokens  # nothing to decode (max_new_tokens 0 and prompts of one length)
     if prefilled is None:
-        cache = model.new_kv_cache(B, total)
-        logits = prefill(model, tokens[:, :start], cache)  # (B, V)
+        cache = steps.make_cache(model, B, total)
+        logits = steps.prefill(model, tokens[:, :start], cache)  # (B, V)
     else:
         cache, logits = prefilled
+        if steps.static_cache != bool(getattr(cache, "static", False)):
+            raise ValueError("the prefilled cache and `steps` disagree on static_cache")
+    # a static cache takes positions as tensors: one compiled step (one CUDA graph) for all of them
+    positions = torch.arange(total, device=device) if steps.static_cache else None
     in_prompt = torch.arange(total, device=device)[None, :] < lens[:, None]  # (B, total)
     stops = torch.tensor(sorted(stop.stop_ids), dtype=torch.long, device=device)
     limit = lens + stop.max_new_tokens  # (B,): each row's end
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for cur in range(start, total):
         if cur > start:
-            logits = decode_one_token(model, tokens[:, cur - 1 : cur], cache, cur - 1)  # (B, V)
+            pos = cur - 1 if positions is None else positions[cur - 1]
+            logits = steps.decode_one_token(model, tokens[:, cur - 1 : cur], cache, pos)  # (B, V)
         nxt = sample(logits, cur - lens)  # (B,)
         nxt = torch.where(in_prompt[:, cur], tokens[:, cur], nxt)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
@@ -225,16 +263,18 @@ def generate(
     stop_ids: Sequence[int] | frozenset[int] = (),
     pad_id: int = 0,
     vocab_limit: int | None = None,
+    steps: DecodeSteps = EAGER_STEPS,
 ) -> list[Completion]:
     """Complete each prompt; `model` is a `Llama` (anything with its forward/new_kv_cache API).
-    `vocab_limit`: sample only ids below it (a trimmed tokenizer under a padded vocabulary)."""
+    `vocab_limit`: sample only ids below it (a trimmed tokenizer under a padded vocabulary). `steps`:
+    eager (default), `STATIC_STEPS`, or compiled (`herd.fast_decode.compiled_steps`)."""
     params = params or SamplingParams()
     _, total_len = prompt_lengths(model, prompts, params.max_new_tokens)
     device = next(model.parameters()).device
     tokens, lens = left_aligned(prompts, total_len, pad_id, device)  # (B, total), (B,)
     sample = token_sampler(params, seeded_generator(params.seed, device), vocab_limit)
     with evaluating(model):
-        decode(model, tokens, lens, sample, StopRule(params.max_new_tokens, stop_ids), pad_id)
+        decode(model, tokens, lens, sample, StopRule(params.max_new_tokens, stop_ids), pad_id, steps=steps)
     return split_completions(tokens, prompts, lens + params.max_new_tokens, stop_ids)
 
 
@@ -263,9 +303,10 @@ def generate_text(
     prompts: Sequence[str],
     params: SamplingParams | None = None,
     bos: bool = True,
+    steps: DecodeSteps = EAGER_STEPS,
 ) -> list[str]:
     """Plain completion of strings: encode, generate until a stop token, decode."""
     encoded = [tokenizer.encode(p, bos=bos, eos=False) for p in prompts]
     pad = tokenizer.pad_id if getattr(tokenizer, "pad_id", -1) >= 0 else 0
-    completions = generate(model, encoded, params, stop_ids=tokenizer.stop_ids, pad_id=pad)
+    completions = generate(model, encoded, params, stop_ids=tokenizer.stop_ids, pad_id=pad, steps=steps)
     return [tokenizer.decode(c.tokens) for c in completions]

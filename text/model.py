@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from herd.text.args import ModelArgs
-from herd.text.kv_cache import KVCache
+from herd.text.kv_cache import KVCache, StaticKVCache
 from herd.text.rope import apply_rope, rope_cos_sin
 
 
@@ -141,7 +141,7 @@ class AttentionContext:
 
     cos_sin: tuple[torch.Tensor, torch.Tensor]  # RoPE tables of the query positions, each (T, hd/2)
     mask: torch.Tensor | None  # bool (B|1, 1, T, S), None → plain causal (T == S) / all keys (T == 1)
-    start_pos: int = 0  # KV-cache write offset
+    start_pos: int | torch.Tensor = 0  # KV-cache write offset; a long tensor with a `StaticKVCache`
     # Context parallelism: gathers a (B, T_local, ...) tensor along dim 1 into the whole sequence
     # (B, S, ...), differentiably. Set by herd's context-parallel code; the model only calls it.
     kv_gather: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -285,7 +285,7 @@ class Llama(nn.Module):
         # the length comes from the input, not from h: under sequence parallelism the embedding's
         # output is already split along the sequence
         length = tokens.shape[1] if tokens is not None else input_embeds.shape[1]
-        ctx = self.attention_context(length, start_pos, document_ids, positions, h.device)
+        ctx = self.attention_context(length, start_pos, document_ids, positions, h.device, kv_cache)
         for layer in self.layers.values():
             h = layer(h, ctx, kv_cache)
         return h
@@ -297,9 +297,12 @@ class Llama(nn.Module):
         document_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         device: torch.device | None = None,
+        kv_cache: KVCache | None = None,
     ) -> AttentionContext:
         """RoPE tables and mask for `length` query tokens (shared by composed models' extra layers)."""
         device = device or self.rope_cos.device
+        if getattr(kv_cache, "static", False):
+            return self._static_context(length, start_pos, kv_cache.max_seq_len, document_ids, positions)
         kv_gather = self.kv_gather
         if positions is None and kv_gather is None:
             mask = build_attention_mask(length, start_pos, document_ids, device)
@@ -312,6 +315,27 @@ class Llama(nn.Module):
             k_doc = kv_gather(document_ids) if document_ids is not None else None
         mask = causal_document_mask(positions, k_pos, document_ids, k_doc)
         return AttentionContext(self.rope(start_pos, length, positions), mask, start_pos, kv_gather)
+
+    def _static_context(
+        self,
+        length: int,
+        start_pos: int | torch.Tensor,
+        max_seq_len: int,
+        document_ids: torch.Tensor | None,
+        positions: torch.Tensor | None,
+    ) -> AttentionContext:
+        """A `StaticKVCache` returns all S_max keys: mask the ones after each query (and the unwritten
+        zeros) by position. No Python int depends on `start_pos`, so one compiled step serves every
+        position; the positions are not range-checked here (the decode loop sizes the cache)."""
+        if document_ids is not None or positions is not None or self.kv_gather is not None:
+            raise ValueError("a static KV cache decodes one plain sequence per row (no documents, no CP)")
+        if isinstance(start_pos, int) and start_pos == 0:  # prefill: the cache returns only these keys
+            return AttentionContext(self.rope(0, length), None, 0)
+        device = self.rope_cos.device
+        q_pos = start_pos + torch.arange(length, device=device)  # (T,)
+        k_pos = torch.arange(max_seq_len, device=device)  # (S_max,)
+        mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S_max)
+        return AttentionContext((self.rope_cos[q_pos], self.rope_sin[q_pos]), mask, start_pos)
 
     def forward(
         self,
@@ -331,8 +355,13 @@ class Llama(nn.Module):
         max_seq_len: int | None = None,
         dtype: torch.dtype | None = None,
         cache_cls: type[KVCache] = KVCache,  # composed models pass a subclass that also holds image K/V
+        static: bool = False,  # a `StaticKVCache` (fixed shapes for a compiled step) unless cache_cls is one
     ) -> KVCache:
         ref = next(self.parameters())
+        if static and not issubclass(cache_cls, StaticKVCache):
+            if cache_cls is not KVCache:
+                raise ValueError(f"no static variant of {cache_cls.__name__}: pass one as cache_cls")
+            cache_cls = StaticKVCache
         return cache_cls(
             n_layers=self.args.n_layers,
             batch_size=batch_size,

@@ -7,6 +7,7 @@
     herd data tokenize|dedup-images|dedup-text|filter-text|filter-clip|resample|curate-sft   data preparation
     herd convert | plan                    checkpoint layouts; memory/throughput of parallel layouts
     herd eval lm|robustness|contamination|vqa|video-qa|asr|reward   benchmarks and the paper's analyses
+    herd quantize fp8 SRC DST              a row-wise FP8 copy of a text checkpoint (paper §6.2)
 
 The scheme: a verb for a job that stands alone (`train`, `generate`, `convert`, ...), a group noun for a
 family of preparation steps (`post`, `data`) whose members are `verb` or `verb-object`. One module per
@@ -30,6 +31,7 @@ EPILOG = """commands by family:
   data         data tokenize | dedup-images | dedup-text | filter-text | filter-clip | resample | curate-sft
   models       convert, plan
   evaluate     eval lm | robustness | contamination | vqa | video-qa | asr | reward
+  quantize     quantize fp8
 
 Bad input ends with one line on stderr, `herd COMMAND: error: ...`, and exit status 2;
 HERD_DEBUG=1 shows the traceback instead."""
@@ -37,7 +39,7 @@ HERD_DEBUG=1 shows the traceback instead."""
 
 def build_parser() -> argparse.ArgumentParser:
     """The `herd` parser with every command; each leaf sets `func`, `command_parser`, `overrides`."""
-    from herd.commands import data, evaluate, inference, models, post, train
+    from herd.commands import data, evaluate, inference, models, post, quantize, train
 
     parser = HerdParser(
         prog="herd",
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"herd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for family in (train, inference, post, data, models, evaluate):
+    for family in (train, inference, post, data, models, evaluate, quantize):
         family.register(sub)
     return parser
 

@@ -1,6 +1,7 @@
 """`herd generate`, `herd chat`, `herd guard`, `herd ask`: inference with a checkpoint.
 
     herd generate --model runs/x/model --prompt "Count: one two" --max-new-tokens 8
+    herd generate --model runs/x/model --prompt "Hi" --compile --fp8   # compiled static-cache steps, FP8 FFNs
     herd chat --model runs/sft/model --system "be brief" --message "hi"
     herd chat --model runs/sft/model --guard runs/guard/model        # Llama Guard 3 screens both sides
     herd guard --model runs/guard/model --text "How do I steal a car?"   # exit status 1 when unsafe
@@ -32,12 +33,30 @@ def _sampling(args: argparse.Namespace) -> Any:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """`herd.text.generation.generate_text` on a checkpoint `load_pretrained` reads; one line per prompt."""
-    from herd.text.generation import generate_text
-    from herd.text.loading import load_pretrained
-
-    model, tokenizer = load_pretrained(args.model, device=args.device, dtype=args.dtype)
     prompts = args.prompt or [sys.stdin.read()]
-    for prompt, completion in zip(prompts, generate_text(model, tokenizer, prompts, _sampling(args))):
+    if args.pp > 1:
+        return _generate_pipelined(args, prompts)
+    from herd.fast_decode import load_for_decoding
+    from herd.text.generation import generate_text
+
+    model, tokenizer, steps = load_for_decoding(args.model, args.device, args.dtype, args.compile, args.fp8)
+    completions = generate_text(model, tokenizer, prompts, _sampling(args), steps=steps)
+    for prompt, completion in zip(prompts, completions):
+        print(prompt + completion)
+    return 0
+
+
+def _generate_pipelined(args: argparse.Namespace, prompts: list[str]) -> int:
+    """`herd.pipelined_generate.generate_text_pipelined` (under torchrun); rank 0 prints."""
+    from herd.pipelined_generate import generate_text_pipelined
+
+    if args.compile or args.fp8:
+        raise UsageError("--pp runs the eager decode step: drop --compile / --fp8")
+    if args.microbatches < 1:
+        raise UsageError(f"--microbatches must be ≥ 1, not {args.microbatches}")
+    completions = generate_text_pipelined(args.model, prompts, _sampling(args), args.pp, args.microbatches,
+                                          args.device, args.dtype)  # fmt: skip
+    for prompt, completion in zip(prompts, completions or []):
         print(prompt + completion)
     return 0
 
@@ -45,14 +64,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """A `herd.text.chat.ChatSession`: scripted turns (--message) or an interactive prompt; with --guard a
     `herd.guard.GuardedChat`, Llama Guard 3 screening both sides of every turn."""
+    from herd.fast_decode import load_for_decoding
     from herd.guard import Guard, GuardedChat
     from herd.text.chat import ChatSession
-    from herd.text.loading import load_pretrained
 
     # the guard first: a bad --guard-categories or guard checkpoint fails before the chat model loads
     guard = Guard.load(args.guard, args.guard_categories, args.device, args.dtype) if args.guard else None
-    model, tokenizer = load_pretrained(args.model, device=args.device, dtype=args.dtype)
-    session: Any = ChatSession(model, tokenizer, system=args.system, params=_sampling(args))
+    model, tokenizer, steps = load_for_decoding(args.model, args.device, args.dtype, args.compile, args.fp8)
+    session: Any = ChatSession(model, tokenizer, system=args.system, params=_sampling(args), steps=steps)
     if guard is not None:
         session = GuardedChat(session, guard)
     if args.message:  # scripted: each --message is one user turn
@@ -165,7 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     select_categories(args.guard_categories)  # a bad code fails before any model loads
     options = ServeOptions(args.host, args.port, args.max_upload_mb, args.api_key, args.guard, args.max_batch,
                            args.max_queue, args.max_tokens, args.guard_every_chars, args.guard_categories)  # fmt: skip
-    return serve(args.model, options, device=args.device)
+    return serve(args.model, options, device=args.device, fp8=args.fp8)
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -176,6 +195,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="static KV cache + torch.compile'd decode step "
+                   "(CUDA graphs on a GPU); the first call compiles")  # fmt: skip
+    p.add_argument("--fp8", action="store_true", help="row-wise FP8 feed-forward layers (paper §6.2): "
+                   "torchao on an H100/H200, an exact emulation elsewhere")  # fmt: skip
 
 
 def register(sub: Any) -> None:
@@ -183,6 +206,8 @@ def register(sub: Any) -> None:
     p = add_command(sub, "generate", cmd_generate, help="plain completion from a checkpoint")
     _add_model_options(p)
     p.add_argument("--prompt", action="append", help="repeatable; prompts are batched (default: stdin)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (under torchrun, one rank each)")
+    p.add_argument("--microbatches", type=int, default=1, help="with --pp: micro-batches in flight")
 
     p = add_command(
         sub, "chat", cmd_chat, help="chat with an instruction-tuned checkpoint (Llama 3.1 chat format)"
@@ -252,3 +277,4 @@ def register(sub: Any) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
     p.add_argument("--max-tokens", type=int, default=512, help="cap on any request's max_tokens")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--fp8", action="store_true", help="row-wise FP8 feed-forward layers (paper §6.2)")

@@ -81,10 +81,14 @@ def _uvicorn(app: Any, options: ServeOptions) -> Any:
     return uvicorn.Server(config)
 
 
-def serve(model: str, options: ServeOptions, device: str = "cpu") -> int:
-    """Load `model` and serve it until interrupted."""
+def serve(model: str, options: ServeOptions, device: str = "cpu", fp8: bool = False) -> int:
+    """Load `model` and serve it until interrupted; `fp8`: row-wise FP8 FFN layers (`herd.quantize`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     served = ServedModel.load(model, device)
+    if fp8:
+        from herd.quantize import apply_fp8
+
+        apply_fp8(served.llm)  # the base Llama every decode step runs on
     app, batcher = make_app(served, options)
     log.info("serving %s (%s) on http://%s:%d", served.name, served.kind, options.host, options.port)
     sock = socket.socket(socket.AF_INET6 if ":" in options.host else socket.AF_INET)

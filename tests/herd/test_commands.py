@@ -42,6 +42,7 @@ def test_every_command_is_registered_once_under_one_scheme():
         "data resample", "data filter-videos", "data curate-sft",
         "convert", "plan",
         "eval lm", "eval robustness", "eval contamination", "eval vqa", "eval video-qa", "eval asr", "eval reward",
+        "quantize fp8",
     ]  # fmt: skip
     train = build_parser().parse_args(["train", "ppo", "--config", "x.toml"])
     assert train.task == "ppo" and train.func.__name__ == "cmd_train"
