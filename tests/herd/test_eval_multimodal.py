@@ -130,3 +130,52 @@ def test_herd_eval_asr_end_to_end(vision_model) -> None:
     assert preds == qa.ask(clips, [qa.transcribe_prompt()] * 3, 4)
     assert report["per_type"]["overall"]["wer"] == pytest.approx(error_rates(texts, preds)["wer"])
     assert report["per_type"]["short"]["count"] == 2 and (out / "asr.png").stat().st_size > 1000
+
+
+def test_herd_eval_video_qa_end_to_end(vision_model) -> None:
+    from serve_workspace import mp4_bytes, write_video_model
+
+    from herd.ask import VideoQA
+
+    root = vision_model
+    model = write_video_model(root)
+    folder = root / "videos"
+    folder.mkdir()
+    for n in (5, 8, 12):
+        (folder / f"{n}.mp4").write_bytes(mp4_bytes(folder, n))
+    (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a video")
+    rows = [
+        {
+            "video": f"{n}.mp4",
+            "question": "Is the red square going left or right?",
+            "answer": "left",
+            "question_type": "direction",
+        }
+        for n in (5, 8)
+    ] + [
+        {
+            "video": "12.mp4",
+            "question": "How many squares are there?",
+            "answer": "2",
+            "question_type": "count",
+        }
+    ]
+    rows += [{"video": "broken.mp4", "question": "q", "answer": "a"}, {"video": "5.mp4"}]  # fmt: skip
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = root / "video_out"
+    assert main(["eval", "video-qa", "--model", str(model), "--data", str(folder / "test.jsonl"),
+                 "--out", str(out), "--max-new-tokens", "4", "--batch-size", "2"]) == 0  # fmt: skip
+    report = json.loads((out / "video_qa.json").read_text())
+    assert report["examples"] == 3 and report["skipped"] == {"missing_fields": 1, "unreadable_media": 1}
+    preds = [
+        json.loads(x)["prediction"] for x in (out / "video_qa_predictions.jsonl").read_text().splitlines()
+    ]
+    qa = VideoQA.load(model)  # the same answers `herd ask --video` gives, in one batch
+    assert preds == qa.ask(
+        [qa.read(folder / f"{n}.mp4") for n in (5, 8, 12)], [r["question"] for r in rows[:3]], 4
+    )
+    assert report["per_type"]["direction"]["count"] == 2 and report["per_type"]["count"]["count"] == 1
+    expected = (
+        sum(normalize_vqa_answer(p) == normalize_vqa_answer(r["answer"]) for p, r in zip(preds, rows)) / 3
+    )
+    assert report["per_type"]["overall"]["accuracy"] == pytest.approx(expected)
