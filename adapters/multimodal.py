@@ -472,6 +472,7 @@ def generate_with_images(
     pad_id: int = 0,
     image_features: torch.Tensor | None = None,
     steps: DecodeSteps = EAGER_STEPS,  # static-cache / compiled decoding (herd.fast_decode)
+    vocab_limit: int | None = None,  # sample only ids below it (a trimmed tokenizer, as `generate`)
     **videos: torch.Tensor | None,  # the `video_*` inputs of `MultimodalLlama.forward`
 ) -> list[Completion]:
     """`herd.text.generate` with images and/or a video: every generated token sees what its prompt's
@@ -491,7 +492,7 @@ def generate_with_images(
         pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask, image_features, **videos
     )
     try:
-        return generate(model, prompts, params, stop_ids, pad_id, steps=steps)
+        return generate(model, prompts, params, stop_ids, pad_id, steps=steps, vocab_limit=vocab_limit)
     finally:
         model.clear_images()
 

@@ -38,6 +38,14 @@ def read_image(path: str | Path) -> Image.Image:
         raise ValueError(f"{path}: cannot read image: {e}") from e
 
 
+def real_vocab(model: Any, tokenizer: Any) -> int | None:
+    """The ids a model may answer with: a trimmed tokenizer under a padded embedding decodes the padding
+    ids to nothing, so they are never drawn (as `herd generate` and `herd serve` do); None: all."""
+    args = getattr(getattr(model, "llm", model), "args", None) or model.args
+    vocab = int(getattr(tokenizer, "vocab_size", args.vocab_size))
+    return vocab if vocab < args.vocab_size else None
+
+
 class VisionQA:
     """Answers questions about images with a frozen LLM + trained vision adapter."""
 
@@ -65,6 +73,7 @@ class VisionQA:
         done = generate_with_images(
             self.model, prompts, batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"],
             xmask, SamplingParams(max_new_tokens=max_new_tokens), stop_ids=tok.stop_ids, pad_id=pad,
+            vocab_limit=real_vocab(self.model, tok),
         )  # fmt: skip
         return [tok.decode(c.tokens).strip() for c in done]
 
@@ -109,7 +118,7 @@ class VideoQA:
         pad = tok.pad_id if tok.pad_id >= 0 else 0
         done = generate_with_images(
             self.model, prompts, params=SamplingParams(max_new_tokens=max_new_tokens), stop_ids=tok.stop_ids,
-            pad_id=pad, **batch,
+            pad_id=pad, vocab_limit=real_vocab(self.model, tok), **batch,
         )  # fmt: skip
         return [tok.decode(c.tokens).strip() for c in done]
 
@@ -167,6 +176,6 @@ class SpeechQA:
         pad = tok.pad_id if tok.pad_id >= 0 else 0
         done = generate_with_audio(
             model, rows, features, lengths, SamplingParams(max_new_tokens=max_new_tokens),
-            stop_ids=tok.stop_ids, pad_id=pad,
+            stop_ids=tok.stop_ids, pad_id=pad, vocab_limit=real_vocab(model, tok),
         )  # fmt: skip
         return [tok.decode(c.tokens).strip() for c in done]

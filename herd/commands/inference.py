@@ -184,6 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     select_categories(args.guard_categories)  # a bad code fails before any model loads
     options = ServeOptions(args.host, args.port, args.max_upload_mb, args.api_key, args.guard, args.max_batch,
                            args.max_queue, args.max_tokens, args.guard_every_chars, args.guard_categories)  # fmt: skip
+    options.prompt_format = args.prompt_format
     return serve(args.model, options, device=args.device, fp8=args.fp8)
 
 
@@ -278,3 +279,6 @@ def register(sub: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="cap on any request's max_tokens")
     p.add_argument("--device", default="cpu")
     p.add_argument("--fp8", action="store_true", help="row-wise FP8 feed-forward layers (paper §6.2)")
+    p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "plain"],
+                   help="chat: Llama 3 chat format; plain: the prompts herd's adapter tasks train on and "
+                   "`herd ask` writes (default auto: chat for text checkpoints, plain for adapters)")  # fmt: skip

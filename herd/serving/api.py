@@ -346,6 +346,8 @@ class Reply:
                 return
             self.tokens.append(ev.token)  # type: ignore[arg-type]
             text = self.served.tokenizer.decode(self.tokens)
+            if self.served.prompt_format == "plain":  # plain targets are " answer": the space is the prompt's
+                text = text.lstrip()
             cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
             if cut >= 0:  # a stop string: the reply ends before it, the row is freed at the next step
                 self.text, self.finish = text[:cut], "stop"

@@ -4,11 +4,20 @@
     image    a vision adapter (`vision.json`, `herd.adapters.multimodal_io`), + video when it has one
     speech   a speech adapter (`speech.json`, `herd.adapters.speech_io`)
 
-Prompts use herd's Llama 3 chat format (`herd.text.chat_format.ChatFormat`): each message is its header,
-its parts in order and `<|eot_id|>`, then the assistant header. A text part is encoded as plain text
-(special-token strings in it stay text), an image part is the model's `<|image|>` token, a video part
-`<|video|>`, an audio part one `<|audio|>` placeholder per 80 ms adapter frame — the inputs `herd ask`
-(`herd.ask.VisionQA` / `VideoQA` / `SpeechQA`) prepares, in the chat format.
+Two prompt formats (`prompt_format`; "auto": chat for a text checkpoint, plain for an adapter):
+
+    chat    herd's Llama 3 chat format (`herd.text.chat_format.ChatFormat`): each message is its header,
+            its parts in order and `<|eot_id|>`, then the assistant header — for chat-tuned models.
+    plain   the prompts herd's adapter tasks train on and `herd ask` writes (`herd.ask.VisionQA` /
+            `VideoQA` / `SpeechQA`): `<|begin_of_text|>`, then each user turn's parts — an image or
+            video model's question wrapped as "Question: … Answer:" after its `<|image|>`/`<|video|>`
+            token, a speech model's text and audio as they stand ("Repeat after me in English:" + the
+            clip) — and each earlier reply as " reply". System turns are left out (no adapter task
+            trains with one). A one-turn request is then token for token `herd ask`'s prompt.
+
+In both, a text part is encoded as plain text (special-token strings in it stay text), an image part is
+the model's `<|image|>` token, a video part `<|video|>`, an audio part one `<|audio|>` placeholder per
+80 ms adapter frame.
 
 Where a request decodes: a prompt with an image or video is decoded alone (its steps read the image's
 cross-attention K/V); everything else — text, and audio, which only enters through the prompt's
@@ -24,11 +33,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from herd.ask import real_vocab
 from herd.serving.batcher import Job
 from herd.serving.media import RequestError, decode_audio, decode_image, decode_video
 from herd.text.chat_format import ChatFormat
 from herd.text.generation import SamplingParams, prefill
 from herd.text.kv_cache import KVCache
+
+PROMPT_FORMATS = ("auto", "chat", "plain")
 
 
 @dataclass
@@ -50,8 +62,22 @@ class ServedModel:
     """A loaded checkpoint, its tokenizer and chat format, and what inputs it takes (`modalities`)."""
 
     def __init__(
-        self, model: nn.Module, tokenizer: Any, kind: str, name: str, config: dict[str, Any]
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        kind: str,
+        name: str,
+        config: dict[str, Any],
+        prompt_format: str = "auto",
     ) -> None:
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(
+                f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, not {prompt_format!r}"
+            )
+        # herd's adapter tasks train on plain prompts (herd.tasks.vision.qa_prompt, the speech task's)
+        self.prompt_format = (
+            prompt_format if prompt_format != "auto" else ("chat" if kind == "text" else "plain")
+        )
         self.model, self.tokenizer, self.kind, self.name, self.config = (
             model.eval(),
             tokenizer,
@@ -64,9 +90,7 @@ class ServedModel:
         self.stop_ids = frozenset(tokenizer.stop_ids)
         self.max_seq_len = int(self.llm.args.max_seq_len)
         self.device = next(self.llm.parameters()).device
-        # a trimmed tokenizer under a padded embedding: the padding ids decode to nothing, never draw them
-        vocab = int(getattr(tokenizer, "vocab_size", self.llm.args.vocab_size))
-        self.vocab_limit = vocab if vocab < self.llm.args.vocab_size else None
+        self.vocab_limit = real_vocab(self.llm, tokenizer)  # never draw a padded embedding's extra ids
         self.modalities: set[str] = set()
         if kind == "image":
             from herd.vision.tiling import ImageTransform
@@ -86,23 +110,25 @@ class ServedModel:
             self.log_mel = LogMel(n_mels=model.encoder.args.n_mels)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", name: str | None = None) -> ServedModel:
+    def load(
+        cls, path: str | Path, device: str = "cpu", name: str | None = None, prompt_format: str = "auto"
+    ) -> ServedModel:
         root = Path(path)
         name = name or root.resolve().name
         if (root / "vision.json").is_file():
             from herd.adapters.multimodal_io import load_multimodal_model
 
             model, tok, config = load_multimodal_model(root, device)
-            return cls(model, tok, "image", name, config)
+            return cls(model, tok, "image", name, config, prompt_format)
         if (root / "speech.json").is_file():
             from herd.adapters.speech_io import load_speech_model
 
             model, tok, config = load_speech_model(root, device)
-            return cls(model, tok, "speech", name, config)
+            return cls(model, tok, "speech", name, config, prompt_format)
         from herd.text.loading import load_pretrained
 
         model, tok = load_pretrained(root, device=device)
-        return cls(model, tok, "text", name, {})
+        return cls(model, tok, "text", name, {}, prompt_format)
 
     # --- prompts -------------------------------------------------------------------------------------
     def check_modalities(self, turns: list[Turn]) -> None:
@@ -125,11 +151,15 @@ class ServedModel:
         """Decode the media, build the prompt and its prefill; `emit` is set by the caller. Runs on a
         worker thread of the web server (decoding media is slow); the model itself is not touched."""
         self.check_modalities(turns)
+        chat = self.prompt_format == "chat"
         tokens: list[int] = [self.format.bos_id]
         images, video, clips = [], None, []
         for turn in turns:
-            tokens += self.format.encode_header(turn.role if turn.role != "tool" else "ipython")
-            for part in turn.parts:
+            if chat:
+                tokens += self.format.encode_header(turn.role if turn.role != "tool" else "ipython")
+            elif turn.role not in ("user", "assistant"):
+                continue  # plain prompts carry only questions and replies
+            for part in self._plain_parts(turn, first=len(tokens) == 1) if not chat else turn.parts:
                 if part.kind == "text":
                     tokens += self.encode_text(part.text)
                 elif part.kind == "image":
@@ -143,8 +173,10 @@ class ServedModel:
                     feats = self._features(clip)
                     clips.append(feats)
                     tokens += [self.model.audio_token_id] * self.model.audio_tokens(feats.shape[0])
-            tokens.append(self.format.eot_id)
-        tokens += self.format.encode_header("assistant")
+            if chat:
+                tokens.append(self.format.eot_id)
+        if chat:
+            tokens += self.format.encode_header("assistant")
         if len(tokens) >= self.max_seq_len:
             raise RequestError(
                 400, f"the prompt ({len(tokens)} tokens) does not fit the model's context {self.max_seq_len}"
@@ -155,6 +187,25 @@ class ServedModel:
         elif clips:
             job.prefill = self._audio_prefill(tokens, clips)
         return job
+
+    def _plain_parts(self, turn: Turn, first: bool) -> list[Part]:
+        """A turn's parts as the plain prompt writes them: a reply as " reply"; an image/video model's
+        user turn as its media, then its text as one "Question: … Answer:"; a speech or text model's
+        user turn unchanged (its text is the instruction around the clip)."""
+        space = "" if first else " "
+        text = " ".join(p.text.strip() for p in turn.parts if p.kind == "text" and p.text.strip())
+        where = next((p.where for p in turn.parts if p.kind == "text"), "")
+        if turn.role == "assistant":
+            return [Part("text", where, text=f" {text}")] if text else []
+        if self.kind != "image":
+            parts = list(turn.parts)
+            if parts and parts[0].kind == "text" and space:
+                parts[0] = Part("text", parts[0].where, text=space + parts[0].text)
+            return parts
+        from herd.tasks.vision import qa_prompt
+
+        media = [p for p in turn.parts if p.kind != "text"]
+        return [*media, Part("text", where, text=space + qa_prompt(text))] if text else media
 
     def _features(self, clip: torch.Tensor) -> torch.Tensor:
         """(N,) 16 kHz → normalised log-mel (T, n_mels), as `herd.ask.SpeechQA` and training do."""
@@ -206,7 +257,8 @@ class ServedModel:
         return run
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "modalities": sorted(self.modalities), "max_model_len": self.max_seq_len}
+        return {"kind": self.kind, "modalities": sorted(self.modalities), "max_model_len": self.max_seq_len,
+                "prompt_format": self.prompt_format}  # fmt: skip
 
 
 def _to(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -38,6 +38,7 @@ class ServeOptions:
     max_tokens: int = 512  # cap on any request's max_tokens
     guard_every_chars: int = 160  # a streamed reply is screened by the guard per this many new characters
     guard_categories: str | None = None  # the categories the guard enforces, e.g. "S1,S14" (default: all)
+    prompt_format: str = "auto"  # chat | plain | auto (chat for text checkpoints, plain for adapters)
 
 
 def load_guard(path: str, categories: str | None = None) -> Any:
@@ -84,7 +85,7 @@ def _uvicorn(app: Any, options: ServeOptions) -> Any:
 def serve(model: str, options: ServeOptions, device: str = "cpu", fp8: bool = False) -> int:
     """Load `model` and serve it until interrupted; `fp8`: row-wise FP8 FFN layers (`herd.quantize`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    served = ServedModel.load(model, device)
+    served = ServedModel.load(model, device, prompt_format=options.prompt_format)
     if fp8:
         from herd.quantize import apply_fp8
 

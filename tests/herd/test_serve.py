@@ -89,7 +89,8 @@ def test_image_answer_equals_generate_with_images(root):
         batch = collate_images([qa.transform(decode_image(png, "test"))], max_images_per_sample=1)
         xmask = batch["aspect_ratio_mask"][:, None].expand(-1, len(prompt), -1, -1).clone()
         return generate_with_images(served.model, [prompt], batch["pixel_values"], batch["aspect_ratio_ids"],
-                                    batch["aspect_ratio_mask"], xmask, params, stop_ids=stop)[0]  # fmt: skip
+                                    batch["aspect_ratio_mask"], xmask, params, stop_ids=stop,
+                                    vocab_limit=served.vocab_limit)[0]  # fmt: skip
 
     parts = [Part("image", "i", data=png), Part("text", "q", text="What color is the square?")]
     prompt, want = reference(served, [Turn("user", parts)], run)
@@ -121,7 +122,8 @@ def test_audio_answer_equals_generate_with_audio(root):
         from herd.serving.media import decode_audio
 
         feats, lengths, _ = pad_features([served._features(decode_audio(wav, "wav", "a", 60.0))])
-        return generate_with_audio(served.model, [prompt], feats, lengths, params, stop_ids=stop)[0]
+        return generate_with_audio(served.model, [prompt], feats, lengths, params, stop_ids=stop,
+                                   vocab_limit=served.vocab_limit)[0]  # fmt: skip
 
     prompt, want = reference(served, [Turn("user", parts)], run)
     assert prompt.count(served.model.audio_token_id) == served.model.audio_tokens_for_samples(9600) > 0
@@ -145,7 +147,9 @@ def test_video_answer_equals_generate_with_images(root, tmp_path):
 
     def run(prompt, params, stop):
         inputs = collate_videos([video_tiles(decode_video(mp4, served.num_frames, "v"), served.transform)], 4)
-        return generate_with_images(served.model, [prompt], params=params, stop_ids=stop, **inputs)[0]
+        return generate_with_images(
+            served.model, [prompt], params=params, stop_ids=stop, vocab_limit=served.vocab_limit, **inputs
+        )[0]
 
     question = "Is the red square going left or right?"
     parts = [Part("video", "v", data=mp4), Part("text", "q", text=question)]
@@ -163,6 +167,67 @@ def test_video_answer_equals_generate_with_images(root, tmp_path):
     logits = [served.job([Turn("user", [Part("video", "v", data=clip), parts[1]])], SamplingParams(4))
               .prefill(len(prompt) + 4)[1] for clip in (mp4, other)]  # fmt: skip
     assert (logits[0] - logits[1]).abs().max() > 1e-4
+
+
+def test_adapters_are_prompted_as_herd_ask_prompts_them(root):
+    """An adapter checkpoint is served with the plain prompts its task trained on (`prompt_format` auto):
+    a one-turn request is `herd ask`'s prompt token for token and gets `herd ask`'s answer; a follow-up
+    carries the earlier reply; `--prompt-format chat` gives the chat format instead."""
+    import base64
+
+    from herd.ask import SpeechQA, VisionQA
+    from herd.serving.media import decode_audio, decode_image
+    from herd.tasks.vision import qa_prompt
+
+    question, png = "What color is the square?", png_bytes(5)
+    served = ServedModel.load(root / "image_model")
+    assert served.prompt_format == "plain" and ServedModel.load(root / "llm").prompt_format == "chat"
+    tok = served.tokenizer
+    turns = [Turn("user", [Part("text", "q", text=question), Part("image", "i", data=png)])]  # text first
+    want = [tok.bos_id, served.llm.args.vocab_size, *tok.encode(qa_prompt(question))]
+    assert served.job(turns, SamplingParams(4)).prompt == want
+    follow = [
+        *turns,
+        Turn("assistant", [Part("text", "a", text="red")]),
+        Turn("user", [Part("text", "q2", text="Say hi.")]),
+    ]
+    assert served.job(follow, SamplingParams(4)).prompt == want + tok.encode(" red") + tok.encode(
+        " " + qa_prompt("Say hi.")
+    )
+    system = [Turn("system", [Part("text", "s", text="Be brief.")]), *turns]
+    assert served.job(system, SamplingParams(4)).prompt == want  # no adapter task trains with a system turn
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url(png, "image/png")}},
+        {"type": "text", "text": question},
+    ]
+    with running(served, ServeOptions(port=0)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        answer = ask(client, content).choices[0].message.content
+    qa = VisionQA.load(root / "image_model")
+    assert answer == qa.ask([decode_image(png, "i")], [question], MAX_NEW)[0] and answer
+
+    speech = ServedModel.load(root / "speech_model")
+    wav = wav_bytes(0.5)
+    sqa = SpeechQA.load(root / "speech_model")
+    parts = [Part("text", "q", text=sqa.transcribe_prompt()), Part("audio", "a", data=wav, fmt="wav")]
+    clip = decode_audio(wav, "wav", "a", 60.0)
+    n = speech.model.audio_tokens(speech._features(clip).shape[0])
+    want = [tok.bos_id, *tok.encode(sqa.transcribe_prompt()), *[speech.model.audio_token_id] * n]
+    assert speech.job([Turn("user", parts)], SamplingParams(4)).prompt == want
+    audio = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}
+    with running(speech, ServeOptions(port=0)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+        answer = (
+            ask(client, [{"type": "text", "text": sqa.transcribe_prompt()}, audio]).choices[0].message.content
+        )
+    assert answer == sqa.ask([clip], [sqa.transcribe_prompt()], MAX_NEW)[0]
+
+    chat = ServedModel.load(root / "image_model", prompt_format="chat")
+    assert (
+        chat.job(turns, SamplingParams(4)).prompt[:2] == [tok.bos_id, *chat.format.encode_header("user")][:2]
+    )
+    assert chat.job(turns, SamplingParams(4)).prompt[-len(chat.format.encode_header("assistant")):] == (
+        chat.format.encode_header("assistant"))  # fmt: skip
 
 
 def test_inputs_the_model_lacks_are_400(text_server):
