@@ -163,7 +163,7 @@ class SpeechLlama(nn.Module):
         tokens: torch.Tensor,  # (B, S)
         audio_features: torch.Tensor | None = None,
         audio_lengths: torch.Tensor | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,  # a 0-dim long tensor in a static-cache decode step
     ) -> torch.Tensor:
         """(B, S) → (B, S, D): the LLM's embeddings with the audio frames where the placeholders are."""
         is_audio = tokens == self.audio_token_id
@@ -175,13 +175,12 @@ class SpeechLlama(nn.Module):
             values, mask = place_audio(tokens, embeds, lengths, self.audio_token_id)
         elif self._bound is not None:
             rows, bound_mask = self._bound  # the prompts' rows (B, S_prompt, D), bound by `bind_audio`
-            S = tokens.shape[1]
-            values = rows[:, start_pos : start_pos + S]
-            mask = bound_mask[:, start_pos : start_pos + S]
-            if values.shape[1] < S:  # past the longest prompt: nothing to replace
-                pad = S - values.shape[1]
-                values = torch.nn.functional.pad(values, (0, 0, 0, pad))
-                mask = torch.nn.functional.pad(mask, (0, pad))
+            prompt_len = rows.shape[1]
+            # positions as a tensor (no Python int from start_pos): one compiled decode step serves all
+            pos = start_pos + torch.arange(tokens.shape[1], device=tokens.device)  # (S,)
+            index = pos.clamp(max=prompt_len - 1)
+            values = rows[:, index]  # (B, S, D)
+            mask = bound_mask[:, index] & (pos < prompt_len)[None, :]  # past the longest prompt: nothing
             if values.shape[0] != tokens.shape[0]:
                 raise ValueError(f"bound audio has {values.shape[0]} rows, the batch {tokens.shape[0]}")
         else:
@@ -228,9 +227,13 @@ class SpeechLlama(nn.Module):
         self._bound = None
 
     def new_kv_cache(
-        self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None
+        self,
+        batch_size: int,
+        max_seq_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        static: bool = False,  # a `StaticKVCache` for compiled decoding (`herd.fast_decode`)
     ) -> KVCache:
-        return self.llm.new_kv_cache(batch_size, max_seq_len, dtype)
+        return self.llm.new_kv_cache(batch_size, max_seq_len, dtype, static=static)
 
 
 def generate_with_audio(

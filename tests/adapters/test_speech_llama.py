@@ -153,3 +153,31 @@ def test_checkpoint_round_trip(tmp_path):
         read_speech_config(out)
     with pytest.raises(FileNotFoundError, match="not a speech checkpoint"):
         read_speech_config(tmp_path)
+
+
+def test_static_cache_and_compiled_steps_equal_eager():
+    """Speech decodes on the static cache (`STATIC_STEPS`) and with the compiled steps (traced by dynamo,
+    `backend="eager"`) token for token as eagerly. The prompts are ragged and row 1's clip comes late, so
+    decode steps still inside row 1's prompt read its bound audio rows at tensor positions."""
+    from herd.adapters.speech_llama import generate_with_audio
+    from herd.fast_decode import compiled_steps
+    from herd.text.generation import STATIC_STEPS, generate
+
+    torch._dynamo.reset()
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    feats = torch.randn(2, 40, 80, generator=g)
+    lengths = torch.tensor([40, 24])
+    # row 0: 8 tokens, row 1: 16 with its 3 placeholders at 12..14, fed by decode steps 8..15
+    rows = [prompt(model, 40, [1, 5], [7]), prompt(model, 24, [1, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9], [3])]
+    assert [len(r) for r in rows] == [8, 16] and rows[1][12:15] == [model.audio_token_id] * 3
+    params = SamplingParams(max_new_tokens=5)
+    eager = generate_with_audio(model, rows, feats, lengths, params)
+    assert generate_with_audio(model, rows, feats, lengths, params, steps=STATIC_STEPS) == eager
+    steps = compiled_steps(model, backend="eager", bucket=32)
+    assert generate_with_audio(model, rows, feats, lengths, params, steps=steps) == eager
+    # the audio mattered: the placeholders alone (no clip bound) are refused, other clips give other tokens
+    other = generate_with_audio(model, rows, torch.randn(2, 40, 80, generator=g), lengths, params)
+    assert [c.tokens for c in other] != [c.tokens for c in eager]
+    with pytest.raises(ValueError, match="no audio was given"):
+        generate(model, rows, params)
