@@ -207,6 +207,23 @@ def iter_jsonl(path: str | Path, file_index: int = 0, offset: int = 0) -> Iterat
             yield Item(rec, None, pos, where)
 
 
+def numbered_json_lines(path: str | Path, skipped: SkipCounter) -> Iterator[tuple[str, Any]]:
+    """(`path:line`, parsed value) of each non-blank line of a jsonl file that is read whole (evaluation
+    sets); a line that is not JSON is counted in `skipped` as `bad_json` and not yielded. Callers check
+    the value's shape (an object with their fields) and count what they refuse."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                skipped.add("bad_json", where, str(e))
+                continue
+            yield where, value
+
+
 def iter_parquet(
     path: str | Path, file_index: int = 0, row: int = 0, batch_size: int = 4096
 ) -> Iterator[Item]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from rich.progress import Progress
 
-from herd.data.records import SkipCounter
+from herd.data.records import SkipCounter, numbered_json_lines
 from herd.evaluation.contamination import NGRAM, NgramIndex, clean_vs_contaminated, jsonl_blocks, shard_blocks
 from herd.evaluation.robustness import MCRecord
 
@@ -28,33 +28,24 @@ def read_task_examples(
 ) -> list[tuple[str, float | None, MCRecord | None]]:
     """(text, given score or None, the multiple-choice record or None) of each valid record."""
     out: list[tuple[str, float | None, MCRecord | None]] = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                skipped.add("bad_json", where, str(e))
-                continue
-            if not isinstance(rec, dict):
-                skipped.add("not_an_object", where)
-            elif isinstance(rec.get("text"), str):
-                correct = rec.get("correct")
-                score = float(correct) if isinstance(correct, (bool, int, float)) else None
-                out.append((rec["text"], score, None))
-            elif (
-                isinstance(rec.get("question"), str)
-                and isinstance(rec.get("choices"), list)
-                and all(isinstance(c, str) for c in rec["choices"])
-                and isinstance(rec.get("answer"), int)
-                and 0 <= rec["answer"] < len(rec["choices"])
-            ):
-                mc = MCRecord(rec["question"], tuple(rec["choices"]), rec["answer"])
-                out.append((f"{mc.question} {mc.choices[mc.answer]}", None, mc))
-            else:
-                skipped.add("missing_fields", where, 'needs "text", or "question"/"choices"/"answer"')
+    for where, rec in numbered_json_lines(path, skipped):
+        if not isinstance(rec, dict):
+            skipped.add("not_an_object", where)
+        elif isinstance(rec.get("text"), str):
+            correct = rec.get("correct")
+            score = float(correct) if isinstance(correct, (bool, int, float)) else None
+            out.append((rec["text"], score, None))
+        elif (
+            isinstance(rec.get("question"), str)
+            and isinstance(rec.get("choices"), list)
+            and all(isinstance(c, str) for c in rec["choices"])
+            and isinstance(rec.get("answer"), int)
+            and 0 <= rec["answer"] < len(rec["choices"])
+        ):
+            mc = MCRecord(rec["question"], tuple(rec["choices"]), rec["answer"])
+            out.append((f"{mc.question} {mc.choices[mc.answer]}", None, mc))
+        else:
+            skipped.add("missing_fields", where, 'needs "text", or "question"/"choices"/"answer"')
     return out
 
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from herd.data.records import SkipCounter
+from herd.data.records import SkipCounter, numbered_json_lines
 from herd.evaluation.answers import error_rates, exact_match, normalize_vqa_answer, vqa_accuracy
 
 MEDIA = {"vqa": "image", "video-qa": "video", "asr": "audio"}
@@ -34,41 +34,30 @@ def read_records(kind: str, path: str | Path, skipped: SkipCounter) -> list[dict
         raise ValueError(f"unknown evaluation {kind!r}; choose one of {', '.join(MEDIA)}")
     path = Path(path)
     out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                skipped.add("bad_json", where, str(e))
-                continue
-            if not isinstance(rec, dict) or not isinstance(rec.get(MEDIA[kind]), str):
-                skipped.add("missing_fields", where, f'needs "{MEDIA[kind]}" (a path)')
-                continue
-            if kind == "asr":
-                refs = [rec["text"]] if isinstance(rec.get("text"), str) and rec["text"].strip() else []
-            elif isinstance(rec.get("answers"), list):
-                refs = [
-                    a.get("answer") if isinstance(a, dict) else a for a in rec["answers"]
-                ]  # VQA's dicts too
-                refs = [a for a in refs if isinstance(a, str)]
-            else:
-                refs = [rec[k] for k in ("answer", "response") if isinstance(rec.get(k), str)]
-            if not refs or (kind != "asr" and not isinstance(rec.get("question"), str)):
-                skipped.add(
-                    "missing_fields",
-                    where,
-                    "needs a question and answers" if kind != "asr" else 'needs "text"',
-                )
-                continue
-            media = path.parent / rec[MEDIA[kind]]
-            if not media.is_file():
-                skipped.add("missing_file", where, f"{media} does not exist")
-                continue
-            out.append({**rec, "media": media, "references": refs, "several": isinstance(rec.get("answers"), list),
-                        "type": str(rec.get("question_type", "all"))})  # fmt: skip
+    for where, rec in numbered_json_lines(path, skipped):
+        if not isinstance(rec, dict) or not isinstance(rec.get(MEDIA[kind]), str):
+            skipped.add("missing_fields", where, f'needs "{MEDIA[kind]}" (a path)')
+            continue
+        if kind == "asr":
+            refs = [rec["text"]] if isinstance(rec.get("text"), str) and rec["text"].strip() else []
+        elif isinstance(rec.get("answers"), list):
+            refs = [a.get("answer") if isinstance(a, dict) else a for a in rec["answers"]]  # VQA's dicts too
+            refs = [a for a in refs if isinstance(a, str)]
+        else:
+            refs = [rec[k] for k in ("answer", "response") if isinstance(rec.get(k), str)]
+        if not refs or (kind != "asr" and not isinstance(rec.get("question"), str)):
+            skipped.add(
+                "missing_fields",
+                where,
+                "needs a question and answers" if kind != "asr" else 'needs "text"',
+            )
+            continue
+        media = path.parent / rec[MEDIA[kind]]
+        if not media.is_file():
+            skipped.add("missing_file", where, f"{media} does not exist")
+            continue
+        out.append({**rec, "media": media, "references": refs, "several": isinstance(rec.get("answers"), list),
+                    "type": str(rec.get("question_type", "all"))})  # fmt: skip
     return out
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from herd.data.records import SkipCounter
+from herd.data.records import SkipCounter, numbered_json_lines
 
 LABEL_SETS: dict[str, tuple[str, ...]] = {
     "letters": ("A", "B", "C", "D", "E", "F", "G", "H"),
@@ -58,32 +58,23 @@ def read_mc_records(path: str | Path, skipped: SkipCounter | None = None) -> lis
     """The valid records of a multiple-choice jsonl file; the others counted in `skipped` by reason."""
     skipped = skipped if skipped is not None else SkipCounter()
     out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                skipped.add("bad_json", where, str(e))
-                continue
-            if not isinstance(rec, dict):
-                skipped.add("not_an_object", where)
-                continue
-            q, choices, answer = rec.get("question"), rec.get("choices"), rec.get("answer")
-            if (
-                not isinstance(q, str)
-                or not isinstance(choices, list)
-                or not all(isinstance(c, str) for c in choices)
-            ):
-                skipped.add("missing_fields", where, "needs question (str) and choices (list of str)")
-            elif not 2 <= len(choices) <= MAX_CHOICES:
-                skipped.add("choice_count", where, f"{len(choices)} choices (2-{MAX_CHOICES} supported)")
-            elif not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-                skipped.add("bad_answer", where, f"answer {answer!r} is not an index into choices")
-            else:
-                out.append(MCRecord(q, tuple(choices), answer))
+    for where, rec in numbered_json_lines(path, skipped):
+        if not isinstance(rec, dict):
+            skipped.add("not_an_object", where)
+            continue
+        q, choices, answer = rec.get("question"), rec.get("choices"), rec.get("answer")
+        if (
+            not isinstance(q, str)
+            or not isinstance(choices, list)
+            or not all(isinstance(c, str) for c in choices)
+        ):
+            skipped.add("missing_fields", where, "needs question (str) and choices (list of str)")
+        elif not 2 <= len(choices) <= MAX_CHOICES:
+            skipped.add("choice_count", where, f"{len(choices)} choices (2-{MAX_CHOICES} supported)")
+        elif not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+            skipped.add("bad_answer", where, f"answer {answer!r} is not an index into choices")
+        else:
+            out.append(MCRecord(q, tuple(choices), answer))
     return out
 
 
