@@ -186,6 +186,10 @@ class VideoConfig:
     objective: Literal["qa", "caption", "mixed"] = "qa"
     caption_every: int = 2
     cache_frames: bool = False  # keep each decoded clip in memory (small datasets, e.g. the quickstart)
+    # keep each clip's frozen image-encoder output instead (computed once per clip on CPU from the
+    # init_from weights; the encoder must stay frozen, so not with trainable = "all"): small datasets read
+    # for many epochs, where the encoder's forward is half of a step (the quickstart)
+    cache_features: bool = False
     train_manifest: str | None = None  # jsonl: {"video": path, "question", "answer" | "caption", ...}
     val_manifest: str | None = None
     shards: str | None = None  # webdataset-style tar shards (key.mp4 + key.json) instead of train_manifest

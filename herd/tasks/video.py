@@ -18,6 +18,8 @@ context parallelism.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from herd.text.loading import load_checkpoint
 from herd.text.model import Llama
 from herd.vision.encoder import VisionEncoder
 from herd.vision.tiling import ImageTransform
-from herd.vision.video import collate_videos, video_tiles
+from herd.vision.video import VideoFrames, collate_videos, video_tiles
 from herd.vision.vision_args import VisionArgs
 
 
@@ -49,19 +51,86 @@ def vision_args_from(config: dict[str, Any]) -> VisionArgs:
     return VisionArgs(**args)
 
 
-class CachedVideoTextDataset(VideoTextDataset):
-    """Decodes each clip once and keeps its sampled frames in memory (`video.cache_frames`): for data
-    that fits in RAM and is read for many epochs, such as the quickstart's (3,000 clips, ~220 MB)."""
+@dataclass
+class FrameFeatures:
+    """One clip's frozen image-encoder output (`video.cache_features`), in place of its frames."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    features: torch.Tensor  # (F, K, N, Dv) the encoder's output per frame and tile
+    aspect_ratio_ids: torch.Tensor  # (F,)
+    aspect_ratio_mask: torch.Tensor  # (F, K)
+    frame_mask: torch.Tensor  # bool (F,)
+
+
+class FrozenFrameEncoder:
+    """The image encoder of `init_from`, frozen, on CPU: a clip's sampled frames → `FrameFeatures`.
+
+    The model's own encoder holds the same weights and never trains when this is used (the task refuses
+    `trainable = "all"` with `cache_features`), so the cached output is what the model's forward would
+    compute from the frames (up to float summation order: `tests/herd/test_video_task.py`)."""
+
+    def __init__(self, vision_args: VisionArgs, weights: dict[str, torch.Tensor], transform: ImageTransform):
+        self.encoder = VisionEncoder(vision_args)
+        own = {k.removeprefix("vision."): v for k, v in weights.items() if k.startswith("vision.")}
+        self.encoder.load_state_dict(own, strict=True)
+        self.encoder.requires_grad_(False).eval()
+        self.transform = transform
+        self.calls = 0  # clips encoded (a test counts them)
+
+    @torch.no_grad()
+    def __call__(self, video: VideoFrames) -> FrameFeatures:
+        tiles = video_tiles(video, self.transform)  # pixel_values (F, K, 3, S, S)
+        self.calls += 1
+        out = self.encoder(  # every frame as a one-image sample: (F, 1, K, N, Dv)
+            tiles["pixel_values"][:, None],
+            tiles["aspect_ratio_ids"][:, None],
+            tiles["aspect_ratio_mask"][:, None],
+        )
+        return FrameFeatures(
+            out[:, 0], tiles["aspect_ratio_ids"], tiles["aspect_ratio_mask"], tiles["frame_mask"]
+        )
+
+
+def collate_features(clips: list[FrameFeatures], num_frames: int) -> dict[str, torch.Tensor]:
+    """`FrameFeatures` of a batch → the model's video inputs with `video_features` (B, F, K, N, Dv) in
+    place of pixels; a clip with fewer frames is padded with masked zero frames, as `collate_videos` does."""
+    B, (_, K, N, Dv) = len(clips), clips[0].features.shape
+    feats = torch.zeros(B, num_frames, K, N, Dv, dtype=clips[0].features.dtype)
+    ids = torch.zeros(B, num_frames, dtype=torch.long)
+    tiles = torch.zeros(B, num_frames, K, dtype=torch.long)
+    tiles[:, :, 0] = 1
+    frame_mask = torch.zeros(B, num_frames, dtype=torch.bool)
+    for b, c in enumerate(clips):
+        n = c.features.shape[0]
+        if n > num_frames:
+            raise ValueError(f"a clip has {n} frames, more than video.num_frames={num_frames}")
+        feats[b, :n], ids[b, :n], tiles[b, :n], frame_mask[b, :n] = (
+            c.features,
+            c.aspect_ratio_ids,
+            c.aspect_ratio_mask,
+            c.frame_mask,
+        )
+    return {"video_features": feats, "video_aspect_ratio_ids": ids, "video_aspect_ratio_mask": tiles,
+            "video_frame_mask": frame_mask}  # fmt: skip
+
+
+class CachedVideoTextDataset(VideoTextDataset):
+    """Decodes each clip once and keeps it in memory (`video.cache_frames`): its sampled frames, or with
+    `features` (`video.cache_features`) only the frozen encoder's output for them. For data that fits in
+    RAM and is read for many epochs, such as the quickstart's (3,000 clips: ~220 MB of frames)."""
+
+    def __init__(
+        self, *args: Any, features: Callable[[VideoFrames], FrameFeatures] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self._frames: dict[tuple[str, int], Any] = {}
+        self._cache: dict[tuple[str, int], Any] = {}
+        self._features = features
 
     def _decode(self, rec: Any) -> Any:
         key = (rec.path, rec.offset)
-        if key not in self._frames:
-            self._frames[key] = super()._decode(rec)
-        return self._frames[key]
+        if key not in self._cache:
+            frames = super()._decode(rec)
+            self._cache[key] = frames if self._features is None else self._features(frames)
+        return self._cache[key]
 
 
 class VideoTask(TaskBase):
@@ -115,6 +184,12 @@ class VideoTask(TaskBase):
         self.eot_id = tokenizer.special_tokens["<|eot_id|>"]
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else self.eot_id
         self.check_record = missing_fields(v.objective)
+        if v.cache_features and v.trainable == "all":
+            raise ValueError(
+                'video.cache_features keeps the frozen image encoder\'s output, but video.trainable = "all" '
+                "trains the encoder: use cache_frames instead"
+            )
+        self._frame_encoder: FrozenFrameEncoder | None = None
         self._skipped: dict[str, SkipCounter] = {}
 
     # --- model ----------------------------------------------------------------------------------------
@@ -186,15 +261,30 @@ class VideoTask(TaskBase):
         """`VideoFrames` of a batch → the model's `video_*` inputs (`collate_videos`)."""
         return collate_videos([video_tiles(v, self.transform) for v in videos], self.video.num_frames)
 
+    def frame_encoder(self) -> FrozenFrameEncoder:
+        """The frozen encoder behind `video.cache_features`, loaded from `init_from` on first use."""
+        if self._frame_encoder is None:
+            from safetensors.torch import load_file
+
+            weights = load_file(str(Path(self.video.init_from) / WEIGHTS_FILE))  # type: ignore[arg-type]
+            self._frame_encoder = FrozenFrameEncoder(self.vision_args, weights, self.transform)
+        return self._frame_encoder
+
     def encode(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         tokens, labels = encode_targets(self, samples)
-        return {"tokens": tokens, "labels": labels, **self.video_inputs([s["video"] for s in samples])}
+        videos = [s["video"] for s in samples]
+        if all(isinstance(v, FrameFeatures) for v in videos):
+            return {"tokens": tokens, "labels": labels, **collate_features(videos, self.video.num_frames)}
+        return {"tokens": tokens, "labels": labels, **self.video_inputs(videos)}
 
     def dataset(self, split: str, rank: int = 0, world_size: int = 1, loop: bool = True) -> VideoTextDataset:
         v = self.video
         kw = {"rank": rank, "world_size": world_size, "seed": self.data.seed, "loop": loop, "shuffle": loop,
               "check": self.check_record, "num_frames": v.num_frames, "backend": v.backend}  # fmt: skip
-        kind = CachedVideoTextDataset if v.cache_frames and split == "train" else VideoTextDataset
+        kind = VideoTextDataset
+        if (v.cache_frames or v.cache_features) and split == "train":
+            kind = CachedVideoTextDataset
+            kw["features"] = self.frame_encoder() if v.cache_features else None
         if split == "val":
             data = kind.from_jsonl(v.val_manifest, **kw)
         elif v.shards:
@@ -220,7 +310,8 @@ class VideoTask(TaskBase):
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
     def inputs(self, batch: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        keys = ("video_pixel_values", "video_aspect_ratio_ids", "video_aspect_ratio_mask", "video_frame_mask")
+        pixels = "video_features" if "video_features" in batch else "video_pixel_values"
+        keys = (pixels, "video_aspect_ratio_ids", "video_aspect_ratio_mask", "video_frame_mask")
         return (batch["tokens"],), {k: batch[k] for k in keys}
 
     def loss_from_output(self, logits: torch.Tensor, batch: dict[str, Any]) -> LossOutput:

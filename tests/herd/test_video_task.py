@@ -163,3 +163,31 @@ def test_video_blocks_can_start_as_the_image_blocks(setup, tmp_path):
     args, kwargs = task.inputs(batch)
     with torch.no_grad():  # shut gates: the video changes nothing yet
         assert torch.equal(model.eval()(*args, **kwargs), image_model(*args))
+
+
+def test_cached_encoder_features_train_as_the_frames_do(setup, tmp_path):
+    """`video.cache_features`: each clip's frozen encoder output is computed once and trains the adapter as
+    its frames would (same losses and gradient norms; only float summation order differs)."""
+    frames = run_video(setup, tmp_path / "frames", ["--train.steps=5", "--video.cache_frames=true"])
+    cfg = load_config(
+        None, overrides(setup, tmp_path / "features", "--train.steps=5", "--video.cache_features=true")
+    )
+    task = VideoTask.from_config(cfg)
+    result = train(cfg, task, show_progress=False)
+    losses = [h["loss"] for h in result.history]
+    norms = [h["grad_norm"] for h in result.history]
+    assert losses == pytest.approx(frames[0], rel=1e-5, abs=1e-6)
+    assert norms == pytest.approx(frames[1], rel=1e-4, abs=1e-6)
+    # 5 steps × 4 clips of 24: every clip seen is encoded exactly once, and kept as features, not frames
+    cache = task.train_data._cache
+    assert task.frame_encoder().calls == len(cache) <= 20
+    assert all(type(v).__name__ == "FrameFeatures" for v in cache.values())
+    assert next(iter(cache.values())).features.shape[0] == 4  # (F, K, N, Dv): video.num_frames frames
+
+
+def test_cached_features_need_a_frozen_encoder(setup, tmp_path):
+    cfg = load_config(
+        None, overrides(setup, tmp_path, "--video.cache_features=true", "--video.trainable=all")
+    )
+    with pytest.raises(ValueError, match="cache_features.*trainable"):
+        VideoTask.from_config(cfg)
