@@ -191,3 +191,24 @@ def test_cached_features_need_a_frozen_encoder(setup, tmp_path):
     )
     with pytest.raises(ValueError, match="cache_features.*trainable"):
         VideoTask.from_config(cfg)
+
+
+def test_the_quickstart_config_trains_the_time_scales_faster(setup, tmp_path):
+    """The quickstart's lr multipliers reach what they are meant to: the first key a name contains wins, so
+    `value_time_scale` (×50) must not be swallowed by `resampler` (×5)."""
+    from herd.optim import multiplier_matches
+    from herd.paths import config_path
+
+    cfg = load_config(
+        config_path("quickstart_video.toml"),
+        [f"--video.init_from={setup / 'image_model'}", f"--video.train_manifest={setup / 'videos' / 'train.jsonl'}",
+         f"--train.run_dir={tmp_path}"],
+    )  # fmt: skip
+    task = VideoTask.from_config(cfg)
+    assert task.perceiver_args.time_scaled_values and task.perceiver_args.spatial_tokens == 65
+    found = multiplier_matches(task.build_model().named_parameters(), cfg.optimizer.lr_multipliers)
+    assert found["value_time_scale"] == [
+        f"video.resampler.layers.{i}.attention.value_time_scale" for i in (0, 1)
+    ]
+    assert "video.resampler.latents" in found["resampler"]
+    assert not any(n.startswith("video.resampler") for k in ("gate_attn", "q_norm") for n in found[k])
