@@ -70,7 +70,12 @@ def register(sub: Any) -> None:
         "(configs/quickstart_video.toml; overrides apply to the video stage); speech: BEST-RQ, then a speech "
         "adapter on the text stage's frozen LLM (configs/quickstart_speech*.toml; overrides apply to its SFT)",
     )
-    p.add_argument("--seed", type=int, default=0, help="video: the clips' and the training's seed; speech: the generated data's seed")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="video: the clips' and the training's seed; speech: the generated data's seed",
+    )
     p.add_argument(
         "--pretrain-steps", type=int, default=None,
         help="speech: BEST-RQ steps (default: configs/quickstart_speech_encoder.toml; 0 skips pretraining)",
