@@ -5,27 +5,44 @@ The same algorithm as `near_dup_search`'s "clusters" method, cut into stages tha
 
   shards   descriptors as float16 memory-mapped shards `shards/desc_XXXXX.npy` (unit rows); shard s
            is converted by rank s % world (see `shards_from_npy` / `shards_from_embeddings`)
-  kmeans   rank 0 trains spherical k-means (faiss) on a seeded sample of rows read from the shards and
-           broadcasts the centroids; `refine_passes` Lloyd steps over all vectors: every rank sums its
-           own shards per centroid (float64), the sums are all-reduced
+  kmeans   distributed spherical k-means on a seeded sample of rows (k · max_points_per_centroid,
+           the same row set for any world size): every rank reads only the sample rows of its own
+           shards, a block at a time. Initial centroids are k sample rows drawn by the seeded
+           generator (as faiss, which starts from random training points), assembled by an
+           all-reduce of a (k, d) matrix in which each rank fills the rows it owns; then
+           `kmeans_iters` Lloyd iterations over the sample and `refine_passes` over all vectors:
+           top-1 assignment, per-centroid float64 sums all-reduced, renormalised (an empty cluster
+           keeps its centroid). Unlike faiss.Kmeans no rank holds the sample, so the centroids differ
+           from `near_dup_search`'s (recall is compared against brute force in the tests)
   assign   every rank assigns its shards' rows to their `nprobe_assign` nearest centroids and routes
            each (row, cluster) entry with its float16 vector to the rank owning the cluster
            (cluster c on rank c % world) through per-(shard, rank) files on the shared filesystem
-  search   every rank sorts what it received by (cluster, row) into one memory-mapped file and range-
-           searches each of its clusters exactly; a pair is reported only by the smallest cluster its
-           two ends share, so the per-rank pair lists are disjoint
+  search   every rank sorts what it received by (cluster, row) into one file and range-searches each
+           of its clusters exactly; a pair is reported only by the smallest cluster its two ends
+           share, so the per-rank pair lists are disjoint
   groups   rank 0 gathers the (small) pair lists and runs connected components once
 
 Why the result does not depend on the world size: every per-row computation (assignment, Lloyd
-top-1) runs in blocks aligned to the shard, not to the rank, so a row meets the same BLAS calls
-whichever rank owns it; the Lloyd sums are exact (float16 values are multiples of 2⁻²⁴, so float64
-sums of fewer than 2²⁹ of them are exact in any order); a cluster is searched with its members in
-ascending row order on any rank. Hence world 1 of this code is the single-process reference and
-2, 4, … ranks return exactly its pairs (tested).
+top-1 on the sample and on all rows) runs in blocks aligned to the shard, not to the rank, so a row
+meets the same BLAS calls whichever rank owns it; the Lloyd sums are exact (float16 values are
+multiples of 2⁻²⁴, so float64 sums of fewer than 2²⁹ of them are exact in any order), and so is the
+all-reduce that assembles the initial centroids (one nonzero term per entry); a cluster is searched
+with its members in ascending row order on any rank. Hence world 1 of this code is the
+single-process reference and 2, 4, … ranks return exactly its pairs (tested).
+
+Memory per rank: one block of rows (float32, plus a float64 copy of at most `SUM_ROWS` rows for the
+exact sums), the (k, d) centroids and sums, and the shard currently read: a shard is memory-mapped
+only while it is read (mapped pages count in a process' resident memory), routed vectors are written
+and read a block or a cluster at a time. What grows with n/world: the sorted (row, cluster) metadata
+of the received entries in the search stage ((2 + a) int64 per entry, plus an int64 position while
+the sorted file is filled). What does not shrink: every rank draws the sample's row set, and numpy's
+`choice` without replacement allocates an n-long int64 permutation when the sample exceeds n/50 rows
+(kept: it fixes which rows the sample holds).
 
 Resumption: every stage ends with `STAGE.done` (written by rank 0 after a barrier); inside a stage,
-per-shard / per-rank outputs are written atomically and skipped when present, so a restart after a
-kill of any rank redoes only unfinished work. `plan.json` pins n, d, shards and world size.
+per-step / per-shard / per-rank outputs are written atomically and skipped when present (k-means: one
+centroid file per iteration), so a restart after a kill of any rank redoes only unfinished work.
+`plan.json` pins n, d, shards, world size and the settings that determine the centroids.
 """
 
 from __future__ import annotations
@@ -53,6 +70,7 @@ from herd.data.curation.near_dup_search import (
 from herd.data.records import atomic_save_npy, atomic_write, atomic_write_json
 
 STAGES = ("kmeans", "assign", "search", "groups")
+SUM_ROWS = 2048  # rows per float64 copy in the exact Lloyd sums (2048 × d × 8 bytes: 8 MiB at d = 512)
 
 
 class Comm:
@@ -76,15 +94,6 @@ class Comm:
     def barrier(self) -> None:
         if self._dist is not None:
             self._dist.barrier()
-
-    def broadcast(self, arr: np.ndarray | None, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        if self._dist is None:
-            assert arr is not None
-            return arr
-        t = torch.from_numpy(np.ascontiguousarray(arr)) if self.rank == 0 else torch.empty(shape, dtype=dtype)
-        t = t.to(self.device)
-        self._dist.broadcast(t, src=0)
-        return t.cpu().numpy()
 
     def all_reduce_sum(self, arr: np.ndarray) -> np.ndarray:
         if self._dist is None:
@@ -110,11 +119,16 @@ def shards_from_npy(npy: str | Path, work: str | Path, shard_rows: int, rank: in
     if raw.ndim != 2:
         raise ValueError(f"{npy}: expected (n, d) descriptors, got shape {raw.shape}")
     n_shards = max(1, -(-len(raw) // shard_rows))
+    del raw
     for s in range(rank, n_shards, world):
         if not shard_path(Path(work), s).is_file():
+            # Mapped afresh per shard: one mapping kept for the loop would keep every page this rank
+            # read resident (n·d·4/world bytes of float32), not just the current shard's.
+            raw = np.load(npy, mmap_mode="r")
             atomic_save_npy(
                 shard_path(Path(work), s), _to_f16_unit(raw[s * shard_rows : (s + 1) * shard_rows])
             )
+            del raw
     return n_shards
 
 
@@ -128,6 +142,17 @@ def shards_from_embeddings(
                 shard_path(Path(work), s), _to_f16_unit(np.load(Path(emb_dir) / f"emb_{s:05d}.npy"))
             )
     return n_shards
+
+
+def save_rows_npy(path: Path, x: np.ndarray, rows: np.ndarray, block_rows: int) -> None:
+    """x[rows] as an .npy, written atomically `block_rows` rows at a time: the (len(rows), d)
+    selection is never materialised whole."""
+    header = {"descr": np.lib.format.dtype_to_descr(x.dtype), "fortran_order": False,
+              "shape": (len(rows), *x.shape[1:])}  # fmt: skip
+    with atomic_write(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for b0 in range(0, len(rows), block_rows):
+            f.write(np.ascontiguousarray(x[rows[b0 : b0 + block_rows]]).data)
 
 
 def rank_peak_rss_mb() -> float:
@@ -151,11 +176,11 @@ class ShardedSearch:
         self.work, self.cfg, self.comm = Path(work), cfg, comm
         self.rank, self.world = comm.rank, comm.world
         self.n_shards = n_shards
-        self.shards = [np.load(shard_path(self.work, s), mmap_mode="r") for s in range(n_shards)]
-        self.sizes = np.array([len(x) for x in self.shards], np.int64)
+        shapes = [self._shard(s).shape for s in range(n_shards)]  # headers only: no mapping is kept
+        self.sizes = np.array([sh[0] for sh in shapes], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         self.n = int(self.offsets[-1])
-        self.d = int(self.shards[0].shape[1]) if n_shards else 0
+        self.d = int(shapes[0][1]) if n_shards else 0
         self.k = max(1, min(cfg.n_clusters or auto_clusters(self.n), self.n))
         self.a = max(1, min(cfg.nprobe_assign, self.k))
         self.gpu = _gpu(cfg)
@@ -166,7 +191,9 @@ class ShardedSearch:
     def _check_plan(self) -> None:
         plan = {"n": self.n, "d": self.d, "n_shards": self.n_shards, "world": self.world, "k": self.k,
                 "a": self.a, "threshold": self.cfg.threshold, "seed": self.cfg.seed,
-                "refine_passes": self.cfg.refine_passes}  # fmt: skip
+                "refine_passes": self.cfg.refine_passes, "kmeans_iters": self.cfg.kmeans_iters,
+                "max_points_per_centroid": self.cfg.max_points_per_centroid,
+                "block_rows": self.cfg.block_rows, "kmeans": "sharded-lloyd"}  # fmt: skip
         path = self.work / "plan.json"
         if path.is_file():
             old = json.loads(path.read_text())
@@ -203,68 +230,108 @@ class ShardedSearch:
             index = faiss.index_cpu_to_gpu(self._gpu_res, dev, index)
         return index
 
+    def _shard(self, s: int) -> np.ndarray:
+        """Shard s memory-mapped, (m, d) float16. Callers drop it when done with the shard: its pages
+        leave this process' resident memory with the mapping (a kept mapping would hold them all)."""
+        return np.load(shard_path(self.work, s), mmap_mode="r")
+
     def _blocks(self, s: int):
         """float32 blocks of shard s, aligned to the shard (identical on any world size)."""
-        x = self.shards[s]
+        x = self._shard(s)
         for r0 in range(0, len(x), self.cfg.block_rows):
             yield r0, np.ascontiguousarray(x[r0 : r0 + self.cfg.block_rows], dtype=np.float32)
+
+    def _sample_blocks(self, s: int, local: np.ndarray):
+        """float32 blocks of the sample rows `local` (shard-local, ascending) of shard s, block_rows
+        sample rows each: the same blocks whichever rank owns the shard."""
+        x = self._shard(s)
+        for b0 in range(0, len(local), self.cfg.block_rows):
+            yield np.ascontiguousarray(x[local[b0 : b0 + self.cfg.block_rows]], dtype=np.float32)
 
     def _centroids(self, p: int) -> Path:
         return self.work / "kmeans" / f"centroids_{p}.npy"
 
     # ------------------------------------------------------------------------------------- kmeans
-    def _train(self) -> np.ndarray:
-        faiss = _faiss()
+    def _kmeans_files(self) -> list[Path]:
+        """The stage's centroid files, one per step: sample_0 the initial rows, sample_t after t Lloyd
+        iterations on the sample, centroids_0 after the last of them, centroids_p after p passes
+        over all vectors (the last one is what `assign` uses)."""
+        sample = [self.work / "kmeans" / f"sample_{t}.npy" for t in range(self.cfg.kmeans_iters)]
+        return sample + [self._centroids(p) for p in range(self.cfg.refine_passes + 1)]
+
+    def _my_sample(self) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """This rank's part of the training sample: {shard: (m_s,) shard-local rows, ascending} for its
+        own shards, and the (k,) global rows of the initial centroids (centroid j = row init[j])."""
         cfg = self.cfg
         rng = np.random.default_rng(cfg.seed)
         n_train = min(self.n, self.k * cfg.max_points_per_centroid)
+        # The global row set of the sample, drawn exactly as before (independent of the world size).
         rows = np.sort(rng.choice(self.n, n_train, replace=False)) if n_train < self.n else np.arange(self.n)
-        shard_of = np.searchsorted(self.offsets, rows, side="right") - 1
-        sample = np.empty((len(rows), self.d), np.float32)  # (n_train, d): read shard by shard
-        for s in np.unique(shard_of):
-            sel = shard_of == s
-            sample[sel] = self.shards[s][rows[sel] - self.offsets[s]]
-        km = faiss.Kmeans(
-            self.d, self.k, niter=cfg.kmeans_iters, spherical=True, seed=cfg.seed, gpu=self.gpu,
-            min_points_per_centroid=1, max_points_per_centroid=cfg.max_points_per_centroid, verbose=False,
-        )  # fmt: skip
-        km.train(sample)
-        c = km.centroids.astype(np.float32)
-        return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+        # Initial centroids: k distinct sample rows in random order (faiss.Kmeans also starts from
+        # random training points); n_train ≥ k because max_points_per_centroid ≥ 1 and k ≤ n.
+        init = rows[rng.choice(n_train, self.k, replace=False)]
+        bounds = np.searchsorted(rows, self.offsets)  # rows[bounds[s]:bounds[s+1]] lie in shard s
+        mine = {s: rows[bounds[s] : bounds[s + 1]] - self.offsets[s] for s in self.mine}
+        return mine, init
 
-    def _lloyd_sums(self, c: np.ndarray) -> np.ndarray:
-        """(k, d) float64 per-centroid sums of this rank's rows (top-1 assignment): exact, see top."""
+    def _init_centroids(self, init: np.ndarray) -> np.ndarray:
+        """(k, d) unit rows: each rank fills the initial rows of its shards into zeros; the all-reduce
+        is exact (one nonzero term per entry), so every rank gets the same matrix without any
+        rank reading another's rows."""
+        c = np.zeros((self.k, self.d), np.float64)
+        shard_of = np.searchsorted(self.offsets, init, side="right") - 1
+        for s in self.mine:
+            j = np.nonzero(shard_of == s)[0]
+            if len(j):
+                c[j] = self._shard(s)[init[j] - self.offsets[s]]
+        c = self.comm.all_reduce_sum(c)
+        return (c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+    def _add_top1(self, sums: np.ndarray, index, xb: np.ndarray) -> None:
+        """sums (k, d) float64 += per-centroid sums of the rows of xb (b, d) under top-1 assignment.
+        Exact (see top), so the order of blocks, sub-blocks and ranks does not matter."""
         from scipy.sparse import csr_matrix
 
+        _, top = index.search(xb, 1)  # one call per shard-aligned block: same result on any world
+        for r0 in range(0, len(xb), SUM_ROWS):  # bounds the float64 copy below
+            t = top[r0 : r0 + SUM_ROWS, 0]
+            onehot = csr_matrix((np.ones(len(t)), (t, np.arange(len(t)))), shape=(self.k, len(t)))
+            sums += onehot @ xb[r0 : r0 + SUM_ROWS].astype(np.float64)
+
+    def _lloyd_step(self, c: np.ndarray, sample: dict[int, np.ndarray] | None) -> np.ndarray:
+        """One spherical Lloyd step over this rank's sample rows (`sample`) or all its rows (None);
+        the sums are all-reduced, so every rank returns the same (k, d) float32 centroids."""
         index = self._index(c)
         sums = np.zeros((self.k, self.d), np.float64)
         for s in self.mine:
-            for _, xb in self._blocks(s):
-                _, top = index.search(xb, 1)
-                onehot = csr_matrix(
-                    (np.ones(len(xb)), (top[:, 0], np.arange(len(xb)))), shape=(self.k, len(xb))
-                )
-                sums += onehot @ xb.astype(np.float64)
-        return sums
+            if sample is None:
+                blocks = (xb for _, xb in self._blocks(s))
+            else:
+                blocks = self._sample_blocks(s, sample[s])
+            for xb in blocks:
+                self._add_top1(sums, index, xb)
+        sums = self.comm.all_reduce_sum(sums)
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        fresh = (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+        return np.where(norms > 0, fresh, c)  # an empty cluster keeps its centroid
 
     def _kmeans(self) -> None:
-        c = None
-        if self.rank == 0:
-            p0 = self._centroids(0)
-            c = np.load(p0) if p0.is_file() else self._train()
-            if not p0.is_file():
-                atomic_save_npy(p0, c)
-        c = self.comm.broadcast(c, (self.k, self.d), torch.float32)
-        for p in range(1, self.cfg.refine_passes + 1):
+        iters = self.cfg.kmeans_iters
+        c = np.zeros((self.k, self.d), np.float32)
+        sample: tuple[dict[int, np.ndarray], np.ndarray] | None = None
+        for q, path in enumerate(self._kmeans_files()):
             self.comm.barrier()
-            path = self._centroids(p)
-            if path.is_file():  # written by rank 0 before the barrier above: all ranks agree
+            # Rank 0 writes step q's file only after its all-reduce, which every rank enters after
+            # this check: all ranks agree whether to skip the step.
+            if path.is_file():
                 c = np.load(path)
                 continue
-            sums = self.comm.all_reduce_sum(self._lloyd_sums(c))
-            norms = np.linalg.norm(sums, axis=1, keepdims=True)
-            fresh = (sums / np.maximum(norms, 1e-12)).astype(np.float32)
-            c = np.where(norms > 0, fresh, c)  # an empty cluster keeps its centroid
+            if q <= iters and sample is None:
+                sample = self._my_sample()
+            if q == 0:
+                c = self._init_centroids(sample[1])
+            else:
+                c = self._lloyd_step(c, sample[0] if q <= iters else None)
             if self.rank == 0:
                 atomic_save_npy(path, c)
         self.comm.barrier()
@@ -283,14 +350,16 @@ class ShardedSearch:
             assign = np.empty((int(self.sizes[s]), self.a), np.int64)  # (m, a) nearest centroids
             for r0, xb in self._blocks(s):
                 _, assign[r0 : r0 + len(xb)] = index.search(xb, self.a)
-            rows = np.repeat(np.arange(len(assign)), self.a)  # one entry per (row, cluster)
-            clusters = assign.ravel()
+            clusters = assign.ravel()  # (m·a,) one entry per (row, cluster), row-major
+            x = self._shard(s)
             for r in range(self.world):
-                sel = clusters % self.world == r
-                meta = np.column_stack([rows[sel] + self.offsets[s], clusters[sel], assign[rows[sel]]])
+                e = np.nonzero(clusters % self.world == r)[0]  # (e,) entries rank r owns
+                rows = e // self.a
+                meta = np.column_stack([rows + self.offsets[s], clusters[e], assign[rows]])
                 meta_p, vec_p = self._route(s, r)
-                atomic_save_npy(vec_p, np.asarray(self.shards[s][rows[sel]]))  # (e, d) float16
+                save_rows_npy(vec_p, x, rows, self.cfg.block_rows)  # (e, d) float16, block by block
                 atomic_save_npy(meta_p, meta)  # (e, 2 + a): global row, cluster, its a clusters
+            del x  # unmaps the shard: its pages leave this rank's resident memory
             done.touch()
 
     # ------------------------------------------------------------------------------------- search
@@ -300,46 +369,63 @@ class ShardedSearch:
             self.stats["search_resumed"] = True
             return
         metas = [np.load(self._route(s, self.rank)[0]) for s in range(self.n_shards)]
+        lens = [len(m) for m in metas]
         meta = np.concatenate(metas) if metas else np.zeros((0, 2 + self.a), np.int64)
+        del metas
         order = np.lexsort((meta[:, 0], meta[:, 1]))  # by cluster, rows ascending inside it
-        meta = meta[order]
-        # Received vectors in (cluster, row) order, in one memory-mapped file: a cluster is a slice.
-        vec_path = self.work / "search" / f"rank_{self.rank:04d}.vec.npy"
-        vec_path.parent.mkdir(parents=True, exist_ok=True)
-        vecs = np.lib.format.open_memmap(vec_path, "w+", np.float16, (len(meta), self.d))
+        meta = meta[order]  # (E, 2 + a)
         where = np.empty(len(order), np.int64)
         where[order] = np.arange(len(order))  # position in the sorted file of each received entry
-        start = 0
-        for s, m in enumerate(metas):
-            vecs[where[start : start + len(m)]] = np.load(self._route(s, self.rank)[1])
-            start += len(m)
-        vecs.flush()
+        del order
+        vec_path = self._sorted_vectors(lens, where, len(meta))
+        del where
         clusters, bounds = np.unique(meta[:, 1], return_index=True)
         bounds = np.append(bounds, len(meta))
         dev = self._torch_device()
         out_i, out_j, out_s = [], [], []
         computed, t0 = 0, time.perf_counter()
-        for c, b0, b1 in zip(clusters, bounds[:-1], bounds[1:]):
-            if b1 - b0 < 2:
-                continue
-            computed += (b1 - b0) * (b1 - b0 - 1) // 2
-            li, lj, sim = local_pairs(
-                np.asarray(vecs[b0:b1], dtype=np.float32), self.cfg.threshold, self.cfg, dev
-            )
-            if len(li):
-                m = meta[b0:b1]
-                keep = first_shared_cluster(m[li, 2:], m[lj, 2:], self.k) == c
-                out_i.append(m[li[keep], 0])
-                out_j.append(m[lj[keep], 0])
-                out_s.append(sim[keep])
+        row_bytes = self.d * 2
+        with open(vec_path, "rb") as vf:  # plain reads, one cluster at a time: nothing stays mapped
+            for c, b0, b1 in zip(clusters, bounds[:-1], bounds[1:]):
+                if b1 - b0 < 2:
+                    continue
+                computed += (b1 - b0) * (b1 - b0 - 1) // 2
+                vf.seek(int(b0) * row_bytes)
+                xc = np.frombuffer(vf.read(int(b1 - b0) * row_bytes), np.float16).reshape(-1, self.d)
+                li, lj, sim = local_pairs(xc.astype(np.float32), self.cfg.threshold, self.cfg, dev)
+                if len(li):
+                    m = meta[b0:b1]
+                    keep = first_shared_cluster(m[li, 2:], m[lj, 2:], self.k) == c
+                    out_i.append(m[li[keep], 0])
+                    out_j.append(m[lj[keep], 0])
+                    out_s.append(sim[keep])
         cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
         with atomic_write(out, "wb") as f:
             np.savez(f, i=cat(out_i, np.int64), j=cat(out_j, np.int64), sim=cat(out_s, np.float32),
                      computed=computed, clusters=len(clusters), entries=len(meta),
                      max_cluster=int(np.diff(bounds).max(initial=0)))  # fmt: skip
-        del vecs
         vec_path.unlink()
         self.stats["search_only_s"] = round(time.perf_counter() - t0, 3)
+
+    def _sorted_vectors(self, lens: list[int], where: np.ndarray, n_entries: int) -> Path:
+        """The received vectors in (cluster, row) order as one raw float16 file (E, d), so that a
+        cluster is a byte range; `where` (E,) is each received entry's position in it, route files
+        in shard order. Filled one route file at a time through a mapping dropped after each: a
+        mapping kept open would keep the whole file (E·d·2 bytes) resident. No msync: the written
+        pages stay in the page cache, where the reads of `_search` find them (a flush per route
+        file would force a disk write each time)."""
+        vec_path = self.work / "search" / f"rank_{self.rank:04d}.f16"
+        vec_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(vec_path, "wb") as f:
+            f.truncate(n_entries * self.d * 2)
+        start = 0
+        for s, m in enumerate(lens):
+            if m:
+                vecs = np.memmap(vec_path, np.float16, "r+", shape=(n_entries, self.d))
+                vecs[where[start : start + m]] = np.load(self._route(s, self.rank)[1])  # (m, d)
+                del vecs
+            start += m
+        return vec_path
 
     def _torch_device(self) -> torch.device | None:
         if self.cfg.backend == "torch" or (self.cfg.backend == "auto" and self.gpu):

@@ -43,10 +43,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, npy: str, work: str, fail_rank: int) -> None:
+def _rank(rank: int, world: int, port: int, npy: str, work: str, fail_rank: int, fail_step: int) -> None:
     """One rank as torchrun would start it (env:// rendezvous, gloo)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    if rank == fail_rank == 0:  # rank 0 crashes in the assign stage after routing its first shard
+    if rank == fail_rank and fail_step:  # a crash in k-means Lloyd step `fail_step`, before its all-reduce
+        real_step = sds.ShardedSearch._lloyd_step
+        steps = {"n": 0}
+
+        def crashing_step(self, c, sample):
+            steps["n"] += 1
+            if steps["n"] == fail_step:
+                raise RuntimeError("injected failure")
+            return real_step(self, c, sample)
+
+        sds.ShardedSearch._lloyd_step = crashing_step
+    elif rank == fail_rank == 0:  # rank 0 crashes in the assign stage after routing its first shard
         real_route = sds.ShardedSearch._route
         routed = {"n": 0}
 
@@ -77,12 +88,14 @@ def _rank(rank: int, world: int, port: int, npy: str, work: str, fail_rank: int)
     dist.destroy_process_group()
 
 
-def run_ranks(world: int, npy: Path, work: Path, fail_rank: int = -1) -> dict[str, np.ndarray]:
+def run_ranks(
+    world: int, npy: Path, work: Path, fail_rank: int = -1, fail_step: int = 0
+) -> dict[str, np.ndarray]:
     import torch.multiprocessing as mp
 
     # fork: the children reuse the imported torch/faiss (spawning re-imports them: ~5 s per rank here);
     # safe because the parent ran faiss with one OpenMP thread (OMP_NUM_THREADS=1, set below).
-    args = (world, _free_port(), str(npy), str(work), fail_rank)
+    args = (world, _free_port(), str(npy), str(work), fail_rank, fail_step)
     mp.start_processes(_rank, args=args, nprocs=world, join=True, start_method="fork")
     z = np.load(work / "result.npz")
     return {k: z[k] for k in ("i", "j", "sim")}
@@ -190,3 +203,88 @@ def test_four_ranks_kill_rank_0_mid_assign_and_restart(data, tmp_path: Path) -> 
     assert first.stat().st_mtime_ns == stamp
     st = json.loads((tmp_path / "rank_stats" / "rank_0000.json").read_text())["stages"]
     assert st == {"kmeans": "skipped", "assign": "ran", "search": "ran", "groups": "ran"}
+
+
+def test_two_ranks_kill_one_mid_kmeans_restart_equal_single_process(data, tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    npy, _, _, single = data
+    with pytest.raises(mp.ProcessRaisedException, match="injected failure"):
+        run_ranks(2, npy, tmp_path, fail_rank=1, fail_step=4)  # the 4th sample Lloyd iteration
+    km = tmp_path / "kmeans"
+    done = [km / f"sample_{t}.npy" for t in range(4)]  # the initial rows and 3 iterations
+    assert all(p.is_file() for p in done) and not (km / "sample_4.npy").exists()
+    assert not (tmp_path / "kmeans.done").exists()
+    stamps = [p.stat().st_mtime_ns for p in done]
+    got = run_ranks(2, npy, tmp_path)
+    for k in ("i", "j", "sim"):
+        np.testing.assert_array_equal(got[k], single[k])
+    assert [p.stat().st_mtime_ns for p in done] == stamps  # finished k-means steps were not redone
+    for p in sorted(km.glob("*.npy")):  # every step's centroids equal the single process' exactly
+        np.testing.assert_array_equal(np.load(p), np.load(npy.parent / "w1" / "kmeans" / p.name))
+
+
+MEM_CFG = SearchConfig(threshold=0.9, n_clusters=8, max_points_per_centroid=512, block_rows=64, seed=0)
+
+
+def _kmeans_probe(rank: int, world: int, port: int, npy: str, work: str) -> None:
+    """One rank of the k-means memory test: records how often it read each sample row, its largest
+    read, and the peak of traced allocations (numpy arrays) during the kmeans stage."""
+    import tracemalloc
+
+    import scipy.sparse  # noqa: F401 - imported before tracing: module objects are no working set
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    probe: dict = {"block": 0}
+    real_blocks, real_kmeans = sds.ShardedSearch._sample_blocks, sds.ShardedSearch._kmeans
+
+    def spy_blocks(self, s, local):
+        np.add.at(probe["reads"], local + self.offsets[s], 1)  # counts allocated before tracing
+        for xb in real_blocks(self, s, local):
+            probe["block"] = max(probe["block"], len(xb))
+            yield xb
+
+    def traced_kmeans(self):
+        probe["reads"] = np.zeros(self.n, np.int64)  # (n,) reads per row
+        tracemalloc.start()
+        real_kmeans(self)
+        probe["peak_bytes"] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+
+    sds.ShardedSearch._sample_blocks, sds.ShardedSearch._kmeans = spy_blocks, traced_kmeans
+    n_shards = sds.shards_from_npy(npy, work, SHARD_ROWS, rank, world)
+    sds.sharded_pairs(work, n_shards, MEM_CFG, rank, world)
+    reads = probe.pop("reads")
+    probe.update(rows=np.nonzero(reads)[0].tolist(), reads=int(reads.sum()))
+    (Path(work) / f"probe_{rank}.json").write_text(json.dumps(probe))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def test_kmeans_rank_reads_only_its_share_of_the_sample(tmp_path: Path) -> None:
+    """No rank materialises the k-means sample: each reads the sample rows of its own shards only,
+    block_rows at a time, and its traced peak in the stage stays far below the sample's size."""
+    import torch.multiprocessing as mp
+
+    x, _ = planted(n=8000, d=256, groups=100, seed=1)
+    np.save(tmp_path / "x.npy", x)
+    n_train = 8 * MEM_CFG.max_points_per_centroid  # 4096 of the 8000 rows
+    rows = np.sort(np.random.default_rng(MEM_CFG.seed).choice(len(x), n_train, replace=False))
+    sample_bytes = n_train * x.shape[1] * 4  # the float32 sample rank 0 used to hold: 4 MiB
+    for world in (1, 2):
+        work = tmp_path / f"w{world}"
+        args = (world, _free_port(), str(tmp_path / "x.npy"), str(work))
+        mp.start_processes(_kmeans_probe, args=args, nprocs=world, join=True, start_method="fork")
+        probes = [json.loads((work / f"probe_{r}.json").read_text()) for r in range(world)]
+        for r, p in enumerate(probes):
+            own = rows[(rows // SHARD_ROWS) % world == r]  # sample rows in rank r's shards
+            assert p["rows"] == own.tolist()  # its own sample rows, nobody else's
+            assert p["reads"] == MEM_CFG.kmeans_iters * len(own)  # once per sample iteration
+            assert 0 < p["block"] <= MEM_CFG.block_rows  # a block at a time
+            # ~0.5 MB measured (a block of 64 rows in float32 + float64, the row lists, scipy's
+            # and numpy's caches); the old rank 0 held the 4 MiB sample itself.
+            assert p["peak_bytes"] < sample_bytes / 4, (world, r, p["peak_bytes"])
+    for f in sorted((tmp_path / "w1" / "kmeans").glob("*.npy")):  # bit-identical centroids, every step
+        np.testing.assert_array_equal(np.load(f), np.load(tmp_path / "w2" / "kmeans" / f.name))
