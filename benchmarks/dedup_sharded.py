@@ -20,6 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -132,6 +133,8 @@ def main() -> None:
                                start_method="spawn")  # fmt: skip
             wall = time.perf_counter() - t0
             keys[world] = np.load(work / "keys.npy")
+            for big in ("shards", "route", "search"):  # the next world size needs the disk
+                shutil.rmtree(work / big, ignore_errors=True)
             ranks = [json.loads(p.read_text()) for p in sorted((work / "rank_stats").glob("rank_*.json"))]
             rss = [json.loads((work / f"rss_{r}.json").read_text()) for r in range(world)]
             res[f"sharded_w{world}"] = {

@@ -5,12 +5,14 @@ The same algorithm as `near_dup_search`'s "clusters" method, cut into stages tha
 
   shards   descriptors as float16 memory-mapped shards `shards/desc_XXXXX.npy` (unit rows); shard s
            is converted by rank s % world (see `shards_from_npy` / `shards_from_embeddings`)
-  kmeans   distributed spherical k-means on a seeded sample of rows (k · max_points_per_centroid,
-           the same row set for any world size): every rank reads only the sample rows of its own
-           shards, a block at a time. Initial centroids are k sample rows drawn by the seeded
-           generator (as faiss, which starts from random training points), assembled by an
-           all-reduce of a (k, d) matrix in which each rank fills the rows it owns; then
-           `kmeans_iters` Lloyd iterations over the sample and `refine_passes` over all vectors:
+  kmeans   distributed spherical k-means on a seeded sample of rows: row i is in the sample when
+           u(seed, i) < k · max_points_per_centroid / n, where u is a per-row hash of the global row
+           (splitmix64, uniform on [0, 1)), so the row set does not depend on the world size and
+           every rank decides membership for its own shards' rows only, a shard at a time. Initial
+           centroids are the k rows of smallest u (k distinct uniformly random rows, as faiss starts
+           from random training points), found by an all-reduce of each rank's k smallest and
+           assembled by an all-reduce of a (k, d) matrix in which each rank fills the rows it owns;
+           then `kmeans_iters` Lloyd iterations over the sample and `refine_passes` over all vectors:
            top-1 assignment, per-centroid float64 sums all-reduced, renormalised (an empty cluster
            keeps its centroid). Unlike faiss.Kmeans no rank holds the sample, so the centroids differ
            from `near_dup_search`'s (recall is compared against brute force in the tests)
@@ -35,9 +37,9 @@ exact sums), the (k, d) centroids and sums, and the shard currently read: a shar
 only while it is read (mapped pages count in a process' resident memory), routed vectors are written
 and read a block or a cluster at a time. What grows with n/world: the sorted (row, cluster) metadata
 of the received entries in the search stage ((2 + a) int64 per entry, plus an int64 position while
-the sorted file is filled). What does not shrink: every rank draws the sample's row set, and numpy's
-`choice` without replacement allocates an n-long int64 permutation when the sample exceeds n/50 rows
-(kept: it fixes which rows the sample holds).
+the sorted file is filled). The sample's membership is computed per shard (a hash per row), so no
+rank allocates anything n-long (numpy's `choice`, used before, allocated an n-long permutation on
+every rank whenever the sample exceeded n/50 rows: 800 MB per rank at 100M).
 
 Resumption: every stage ends with `STAGE.done` (written by rank 0 after a barrier); inside a stage,
 per-step / per-shard / per-rank outputs are written atomically and skipped when present (k-means: one
@@ -101,6 +103,19 @@ class Comm:
         t = torch.from_numpy(np.ascontiguousarray(arr)).to(self.device)
         self._dist.all_reduce(t)
         return t.cpu().numpy()
+
+
+def row_uniforms(seed: int, start: int, count: int) -> np.ndarray:
+    """(count,) float64 in [0, 1): a hash (splitmix64) of each global row start … start + count - 1
+    under `seed`. A counter-based draw: any rank computes any row's value alone, with nothing n-long."""
+    z = np.arange(start, start + count, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z += np.uint64((0xD1B54A32D192ED03 * (seed + 1)) % (1 << 64))  # seeds the stream; wraps mod 2^64
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53  # the top 53 bits: exact in float64
 
 
 def shard_path(work: Path, s: int) -> Path:
@@ -193,7 +208,7 @@ class ShardedSearch:
                 "a": self.a, "threshold": self.cfg.threshold, "seed": self.cfg.seed,
                 "refine_passes": self.cfg.refine_passes, "kmeans_iters": self.cfg.kmeans_iters,
                 "max_points_per_centroid": self.cfg.max_points_per_centroid,
-                "block_rows": self.cfg.block_rows, "kmeans": "sharded-lloyd"}  # fmt: skip
+                "block_rows": self.cfg.block_rows, "kmeans": "sharded-lloyd-hash-sample"}  # fmt: skip
         path = self.work / "plan.json"
         if path.is_file():
             old = json.loads(path.read_text())
@@ -261,18 +276,31 @@ class ShardedSearch:
 
     def _my_sample(self) -> tuple[dict[int, np.ndarray], np.ndarray]:
         """This rank's part of the training sample: {shard: (m_s,) shard-local rows, ascending} for its
-        own shards, and the (k,) global rows of the initial centroids (centroid j = row init[j])."""
-        cfg = self.cfg
-        rng = np.random.default_rng(cfg.seed)
-        n_train = min(self.n, self.k * cfg.max_points_per_centroid)
-        # The global row set of the sample, drawn exactly as before (independent of the world size).
-        rows = np.sort(rng.choice(self.n, n_train, replace=False)) if n_train < self.n else np.arange(self.n)
-        # Initial centroids: k distinct sample rows in random order (faiss.Kmeans also starts from
-        # random training points); n_train ≥ k because max_points_per_centroid ≥ 1 and k ≤ n.
-        init = rows[rng.choice(n_train, self.k, replace=False)]
-        bounds = np.searchsorted(rows, self.offsets)  # rows[bounds[s]:bounds[s+1]] lie in shard s
-        mine = {s: rows[bounds[s] : bounds[s + 1]] - self.offsets[s] for s in self.mine}
-        return mine, init
+        own shards, and the (k,) global rows of the initial centroids (centroid j = row init[j]).
+        Memory: block_rows hashes at a time, this rank's sample rows and (world, k) candidates."""
+        n_train = min(self.n, self.k * self.cfg.max_points_per_centroid)
+        rate = n_train / self.n  # the expected sample is n_train rows (binomial around it)
+        mine: dict[int, np.ndarray] = {}
+        best_u, best_row = np.full(self.k, 2.0), np.full(self.k, -1, np.int64)  # this rank's k smallest u
+        step = self.cfg.block_rows
+        for s in self.mine:
+            kept = []
+            for b0 in range(0, int(self.sizes[s]), step):  # block_rows hashes at a time
+                u = row_uniforms(self.cfg.seed, int(self.offsets[s]) + b0, min(step, int(self.sizes[s]) - b0))
+                kept.append(b0 + (np.arange(len(u)) if rate >= 1 else np.nonzero(u < rate)[0]))
+                cand = np.argpartition(u, self.k - 1)[: self.k] if len(u) > self.k else np.arange(len(u))
+                cand_u = np.concatenate([best_u, u[cand]])
+                cand_row = np.concatenate([best_row, cand + b0 + self.offsets[s]])
+                top = np.lexsort((cand_row, cand_u))[: self.k]  # ties in u broken by row: exact anywhere
+                best_u, best_row = cand_u[top], cand_row[top]
+            mine[s] = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+        # Gather every rank's k smallest by an exact all-reduce (one nonzero term per entry).
+        all_u = np.zeros((self.world, self.k))
+        all_row = np.zeros((self.world, self.k), np.int64)
+        all_u[self.rank], all_row[self.rank] = best_u, best_row
+        all_u, all_row = self.comm.all_reduce_sum(all_u).ravel(), self.comm.all_reduce_sum(all_row).ravel()
+        top = np.lexsort((all_row, all_u))[: self.k]  # k ≤ n, so these are k real rows (u < 2)
+        return mine, all_row[top]
 
     def _init_centroids(self, init: np.ndarray) -> np.ndarray:
         """(k, d) unit rows: each rank fills the initial rows of its shards into zeros; the all-reduce

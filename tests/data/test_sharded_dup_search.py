@@ -270,8 +270,9 @@ def test_kmeans_rank_reads_only_its_share_of_the_sample(tmp_path: Path) -> None:
 
     x, _ = planted(n=8000, d=256, groups=100, seed=1)
     np.save(tmp_path / "x.npy", x)
-    n_train = 8 * MEM_CFG.max_points_per_centroid  # 4096 of the 8000 rows
-    rows = np.sort(np.random.default_rng(MEM_CFG.seed).choice(len(x), n_train, replace=False))
+    n_train = 8 * MEM_CFG.max_points_per_centroid  # 4096 of the 8000 rows expected
+    rows = np.nonzero(sds.row_uniforms(MEM_CFG.seed, 0, len(x)) < n_train / len(x))[0]  # the sample's rows
+    assert abs(len(rows) - n_train) < 5 * np.sqrt(n_train)  # binomial around n_train
     sample_bytes = n_train * x.shape[1] * 4  # the float32 sample rank 0 used to hold: 4 MiB
     for world in (1, 2):
         work = tmp_path / f"w{world}"
@@ -288,3 +289,59 @@ def test_kmeans_rank_reads_only_its_share_of_the_sample(tmp_path: Path) -> None:
             assert p["peak_bytes"] < sample_bytes / 4, (world, r, p["peak_bytes"])
     for f in sorted((tmp_path / "w1" / "kmeans").glob("*.npy")):  # bit-identical centroids, every step
         np.testing.assert_array_equal(np.load(f), np.load(tmp_path / "w2" / "kmeans" / f.name))
+
+
+def _splitmix64_reference(state: int, count: int) -> list[int]:
+    """Vigna's splitmix64 `next()` (prng.di.unimi.it/splitmix64.c), one Python int at a time."""
+    out, mask = [], (1 << 64) - 1
+    for _ in range(count):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out.append(z ^ (z >> 31))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_row_uniforms_are_splitmix64(seed: int) -> None:
+    """Row r's value is output r of splitmix64 started one step before the seed's offset, top 53 bits:
+    the vectorised uint64 arithmetic (wrapping mod 2^64) equals the reference bit for bit."""
+    offset = (0xD1B54A32D192ED03 * (seed + 1)) % (1 << 64)
+    ref = _splitmix64_reference((offset - 0x9E3779B97F4A7C15) % (1 << 64), 1000)
+    expect = np.array([(z >> 11) * 2.0**-53 for z in ref])
+    np.testing.assert_array_equal(sds.row_uniforms(seed, 0, 1000), expect)
+    np.testing.assert_array_equal(sds.row_uniforms(seed, 400, 600), expect[400:])  # any start, alone
+
+
+def test_sample_needs_nothing_n_long() -> None:
+    """At n = 12M rows (1M-row shards, one rank), choosing the k-means sample (n/30 rows) and the
+    initial centroids traces under 10 % of one n-long int64 array (numpy's choice allocated all of
+    it for any sample above n/50 rows), the rank keeps exactly the rows with u < rate, and the
+    initial rows are the k of smallest u."""
+    import tracemalloc
+
+    n, shard, k = 12_000_000, 1_000_000, 1000
+    cfg = SearchConfig(max_points_per_centroid=400, seed=3)  # a sample of 400k rows expected
+    search = object.__new__(sds.ShardedSearch)
+    search.cfg, search.n, search.k, search.rank, search.world = cfg, n, k, 0, 1
+    search.sizes = np.full(n // shard, shard, np.int64)
+    search.offsets = np.concatenate([[0], np.cumsum(search.sizes)])
+    search.mine = list(range(n // shard))
+    search.comm = sds.Comm(0, 1)
+    tracemalloc.start()
+    mine, init = search._my_sample()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.1 * n * 8, peak  # the kept rows (3.2 MB, twice while joined), not 96 MB
+    rate = k * cfg.max_points_per_centroid / n
+    kept = 0
+    for s in search.mine:
+        u = sds.row_uniforms(cfg.seed, s * shard, shard)
+        np.testing.assert_array_equal(mine[s], np.nonzero(u < rate)[0])
+        kept += len(mine[s])
+    expected = rate * n  # 400,000 rows
+    assert abs(kept - expected) < 5 * np.sqrt(expected)
+    u_mine = np.concatenate([sds.row_uniforms(cfg.seed, s * shard, shard) for s in search.mine])
+    rows_mine = np.concatenate([np.arange(shard) + s * shard for s in search.mine])
+    np.testing.assert_array_equal(init, rows_mine[np.argsort(u_mine, kind="stable")[:k]])
