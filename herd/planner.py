@@ -7,6 +7,9 @@ dp_shard × cp) plus the tensors autograd keeps per layer — counted from what 
 (tests/herd/test_planner.py measures them on CPU), divided by tp as in Korthikanti et al. 2022, times
 the micro-batches a pipeline rank holds in flight. Throughput: 6N + 12·L·D·T FLOPs per token at a
 fitted matmul efficiency, plus communication over stated bandwidths, times the bubble (pp−1)/(V·M).
+
+The module imports no torch at import time (`herd.parallel.pipeline` is imported where its layer split
+is used), so that the `herd` parser, which reads AC_MODES, stays cheap.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from herd.parallel.pipeline import split_layers, stage_ids_for_rank, validate_pipeline_config
 from herd.text.args import ModelArgs
 
 GiB = 2**30
@@ -247,6 +249,8 @@ def estimate_memory(
     terms = layer_activation_terms(args, tokens, seq_len, micro_batch, lay.tp, e, ac_mode, impl)
     per_layer = sum(terms.values())
     no_ac = sum(layer_activation_terms(args, tokens, seq_len, micro_batch, lay.tp, e, "none", impl).values())
+    from herd.parallel.pipeline import split_layers, stage_ids_for_rank  # torch: imported on use (see top)
+
     split = split_layers(args.n_layers, lay.pp * V, lay.pp_fewer_layers_on_ends)
     fsdp = shards > 1 or lay.dp_replicate > 1
     # bf16 params stay gathered without resharding, and under PP: torch's stages skip resharding
@@ -403,6 +407,8 @@ def pipeline_options(args: ModelArgs, pp: int, n_micro: int, virtual_stages: int
         return [Layout()]
     if args.tie_embeddings:
         return []  # herd refuses tied embeddings under PP (herd.parallel.pipeline)
+    from herd.parallel.pipeline import validate_pipeline_config  # torch: imported on use (see top)
+
     out = []
     for v in [virtual_stages] if virtual_stages else range(1, (args.n_layers + 2) // pp + 1):
         stages = pp * v

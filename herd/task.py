@@ -33,6 +33,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from herd.task_registry import TASKS, register_task
+
 # The parallel dimensions a task may support (`ParallelDims` degrees > 1): FSDP (dp_shard), HSDP
 # (dp_replicate), tensor, context and pipeline parallelism.
 LAYOUT_DIMS = ("fsdp", "hsdp", "tp", "cp", "pp")
@@ -211,28 +213,7 @@ def check_task(task: Any) -> Any:
     return task
 
 
-# --- the registry: `herd train NAME` ----------------------------------------------------------------------
-# name → "module:Class"; imported on first use so that `herd --help` stays fast
-TASKS: dict[str, str] = {
-    "text": "herd.tasks.text:TextPretrainTask",
-    "vision": "herd.tasks.vision:VisionTask",
-    "video": "herd.tasks.video:VideoTask",
-    "sft": "herd.tasks.sft:SFTTask",
-    "rm": "herd.tasks.reward:RewardModelTask",
-    "dpo": "herd.tasks.dpo:DPOTask",
-    "ppo": "herd.tasks.ppo:PPOTask",
-    "speech-encoder": "herd.tasks.speech_encoder:SpeechEncoderTask",
-    "speech": "herd.tasks.speech:SpeechTask",
-}
-
-
-def register_task(name: str, target: str) -> None:
-    """Make `herd train NAME` build `target` ("package.module:Class", its `from_config(cfg)`)."""
-    if ":" not in target:
-        raise ValueError(f"task target {target!r} must look like 'package.module:Class'")
-    TASKS[name] = target
-
-
+# --- the registry: `herd train NAME` (herd.task_registry, torch-free) -----------------------------------
 def task_class(name: str) -> type:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known: {', '.join(TASKS)}")

@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add `quickstart` and `train` to the top-level subparsers."""
-    from herd.task import TASKS
+    from herd.task_registry import TASKS  # torch-free: the parser stays cheap
 
     p = add_command(
         sub,
