@@ -41,4 +41,23 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_WHERE])
 
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "PRESET_NAMES",
+    "ChatFormat",
+    "KVCache",
+    "Llama",
+    "Message",
+    "ModelArgs",
+    "RopeScaling",
+    "SamplingParams",
+    "Tokenizer",
+    "build_llama",
+    "convert_checkpoint",
+    "generate",
+    "generate_text",
+    "get_preset",
+    "load_model",
+    "load_pretrained",
+    "load_tokenizer",
+]
+assert sorted(__all__) == sorted(_WHERE)
