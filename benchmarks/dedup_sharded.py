@@ -142,8 +142,16 @@ def main() -> None:
                 "shards_s_rank0": round(json.loads((work / "shards_s.json").read_text())["shards_s"], 1),
                 "stage_s_rank0": {k: ranks[0].get(f"{k}_s") for k in ("kmeans", "assign", "search", "groups")},
                 "search_s_per_rank": [r.get("search_s") for r in ranks],
-                "peak_rss_mb_per_rank": [round(r["peak"], 1) for r in rss],
-                "peak_rss_mb_above_baseline_per_rank": [round(r["peak"] - r["baseline"], 1) for r in rss],
+                # the run's peak: the rank's own record (the per-stage peaks restart VmHWM, see
+                # sharded_dup_search.reset_peak_rss), or VmHWM at the end where that is larger
+                "peak_rss_mb_per_rank": [round(max(r["peak"], st["peak_rss_mb"]), 1) for st, r in zip(ranks, rss)],
+                "peak_rss_mb_above_baseline_per_rank": [
+                    round(max(r["peak"], st["peak_rss_mb"]) - r["baseline"], 1) for st, r in zip(ranks, rss)
+                ],
+                "stage_peak_rss_mb_above_baseline_per_rank": {
+                    k: [round(st[f"{k}_peak_rss_mb"] - r["baseline"], 1) for st, r in zip(ranks, rss)]
+                    for k in ("kmeans", "assign", "search") if f"{k}_peak_rss_mb" in ranks[0]
+                },
                 "pairs": len(keys[world]),
                 "pair_recall": round(float(np.isin(planted, keys[world]).mean()), 5),
             }  # fmt: skip

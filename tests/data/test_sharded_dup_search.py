@@ -138,6 +138,10 @@ def test_four_ranks_equal_single_process_exactly(data, tmp_path: Path) -> None:
         np.testing.assert_array_equal(got[k], single[k])  # same pairs, same order, same similarities
     stats = [json.loads((tmp_path / "rank_stats" / f"rank_{r:04d}.json").read_text()) for r in range(world)]
     assert [s["rank"] for s in stats] == list(range(world))
+    if sds.reset_peak_rss():  # Linux: each stage's own peak, under the run's peak (kept across resets)
+        for st in stats:
+            stage_peaks = [st[f"{k}_peak_rss_mb"] for k in ("kmeans", "assign", "search", "groups")]
+            assert min(stage_peaks) > 0 and max(stage_peaks) <= st["peak_rss_mb"]
     entries = json.loads(np.load(tmp_path / "pairs_all.npz")["stats"].item())["entries_per_rank"]
     assert sum(entries) == len(x) * CFG.nprobe_assign  # every (row, cluster) entry went to one rank
     assert max(entries) < 1.6 * len(x) * CFG.nprobe_assign / world  # spread ~1/world, none holds all
