@@ -33,7 +33,9 @@ with its members in ascending row order on any rank. Hence world 1 of this code 
 single-process reference and 2, 4, … ranks return exactly its pairs (tested).
 
 Memory per rank: one block of rows (float32, plus a float64 copy of at most `SUM_ROWS` rows for the
-exact sums), the (k, d) centroids and sums, and the shard currently read: a shard is memory-mapped
+exact sums), the (k, d) centroids (float32, and faiss's copy in its index) and sums (float64): these
+grow as k = 4·√n, not n/world (k·d·16 bytes: 33 MB at 1M, 328 MB at 100M), and the shard currently
+read: a shard is memory-mapped
 only while it is read (mapped pages count in a process' resident memory), routed vectors are written
 and read a block or a cluster at a time. What grows with n/world: the sorted (row, cluster) metadata
 of the received entries in the search stage ((2 + a) int64 per entry, plus an int64 position while

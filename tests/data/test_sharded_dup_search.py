@@ -130,6 +130,24 @@ def test_world_1_equals_brute_force_and_todays_search(data) -> None:
     assert same_partition(labels, connected_groups(len(x), today))
 
 
+def test_torch_in_cluster_search_equals_faiss(data, tmp_path: Path, monkeypatch) -> None:
+    """backend="torch" is the in-cluster search a GPU rank runs (torch matmuls on cuda:LOCAL_RANK);
+    on CPU it must find the faiss backend's pairs, with the same similarities to float32 rounding."""
+    from dataclasses import replace
+
+    npy, _, _, single = data
+    devices, real = set(), sds.local_pairs
+    monkeypatch.setattr(
+        sds, "local_pairs", lambda x, t, cfg, dev: devices.add(str(dev)) or real(x, t, cfg, dev)
+    )
+    n_shards = sds.shards_from_npy(npy, tmp_path, SHARD_ROWS, 0, 1)
+    got = sds.sharded_pairs(tmp_path, n_shards, replace(CFG, backend="torch"), 0, 1)
+    np.testing.assert_array_equal(got.i, single["i"])
+    np.testing.assert_array_equal(got.j, single["j"])
+    np.testing.assert_allclose(got.sim, single["sim"], atol=1e-6)
+    assert devices == {"cpu"}  # every cluster went through the torch path
+
+
 def test_four_ranks_equal_single_process_exactly(data, tmp_path: Path) -> None:
     npy, x, _, single = data
     world = 4
