@@ -8,7 +8,7 @@ The same algorithm as `near_dup_search`'s "clusters" method, cut into stages tha
   kmeans   distributed spherical k-means on a seeded sample of rows: row i is in the sample when
            u(seed, i) < k · max_points_per_centroid / n, where u is a per-row hash of the global row
            (splitmix64, uniform on [0, 1)), so the row set does not depend on the world size and
-           every rank decides membership for its own shards' rows only, a shard at a time. Initial
+           every rank decides membership for its own shards' rows only, a block at a time. Initial
            centroids are the k rows of smallest u (k distinct uniformly random rows, as faiss starts
            from random training points), found by an all-reduce of each rank's k smallest and
            assembled by an all-reduce of a (k, d) matrix in which each rank fills the rows it owns;
@@ -35,9 +35,8 @@ single-process reference and 2, 4, … ranks return exactly its pairs (tested).
 Memory per rank: one block of rows (float32, plus a float64 copy of at most `SUM_ROWS` rows for the
 exact sums), the (k, d) centroids (float32, and faiss's copy in its index) and sums (float64): these
 grow as k = 4·√n, not n/world (k·d·16 bytes: 33 MB at 1M, 328 MB at 100M), and the shard currently
-read: a shard is memory-mapped
-only while it is read (mapped pages count in a process' resident memory), routed vectors are written
-and read a block or a cluster at a time. What grows with n/world: the sorted (row, cluster) metadata
+read: a shard is memory-mapped only while it is read (mapped pages count in a process' resident
+memory), routed vectors are written and read a block or a cluster at a time. What grows with n/world: the sorted (row, cluster) metadata
 of the received entries in the search stage ((2 + a) int64 per entry, plus an int64 position while
 the sorted file is filled). The sample's membership is computed per shard (a hash per row), so no
 rank allocates anything n-long (numpy's `choice`, used before, allocated an n-long permutation on
